@@ -1,0 +1,33 @@
+#ifndef Py_INTERNAL_PERF_TRAMPOLINE_H
+#define Py_INTERNAL_PERF_TRAMPOLINE_H
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#ifndef Py_BUILD_CORE
+#  error "this header requires Py_BUILD_CORE define"
+#endif
+
+/* Linux perf support: every Python frame is evaluated through a small
+   per-code-object trampoline whose address is named in /tmp/perf-<pid>.map.
+   See Python/perf_trampoline.c. */
+
+/* Called once the main interpreter can run Python code: honours -X perf
+   and PYTHONPERFSUPPORT.  Failures print one warning; they never stop
+   the interpreter from starting. */
+extern void _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate);
+
+/* Called by Py_FinalizeEx(): stop using trampolines, close the map file. */
+extern void _PyPerfTrampoline_Fini(void);
+
+/* Called by PyOS_AfterFork_Child(): give the child its own map file that
+   also names the trampolines inherited from the parent. */
+extern void _PyPerfTrampoline_AfterFork_Child(void);
+
+/* sys.activate_stack_trampoline() and friends, added to the sys module. */
+extern PyMethodDef _PyPerfTrampoline_SysMethods[];
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* !Py_INTERNAL_PERF_TRAMPOLINE_H */

@@ -1,0 +1,818 @@
+/* Perf trampolines: Python functions in the Linux perf profiler.
+
+   perf walks native stacks, so a Python function is invisible to it: all
+   Python frames run inside the same C function, _PyEval_EvalFrameDefault().
+   In perf mode every code object gets its own copy of a tiny assembly
+   trampoline (Python/asm_trampoline.S) that only calls the evaluator.  The
+   PEP 523 eval-frame hook evaluates each frame through its code object's
+   trampoline, so each Python frame owns a distinct native return address,
+   and /tmp/perf-<pid>.map tells perf the name of each trampoline:
+
+       <hex start> <hex size> py::<qualname>:<filename>
+
+   Memory: trampolines live in mmap'd arenas that are filled with copies of
+   the template while writable and then made read+execute (never W+X).
+   Arenas are never unmapped: a frame may still return into a trampoline
+   after perf mode was turned off, and code objects (static ones, leaked
+   ones) can outlive an interpreter.  Since every trampoline is the same
+   code, a stale pointer into an arena still behaves correctly.
+
+   The map file is written one whole line per write(); a failed or short
+   write is truncated away, so the file only ever holds complete lines.
+   All state here is process-wide and protected by the GIL, except the map
+   file, which has its own lock. */
+
+#include "Python.h"
+#include "pycore_frame.h"         // _PyInterpreterFrame
+#include "pycore_initconfig.h"    // _Py_GetEnv()
+#include "pycore_interp.h"        // PyInterpreterState.co_extra_freefuncs
+#include "pycore_perf_trampoline.h"
+#include "pycore_pystate.h"       // _PyThreadState_GET()
+
+#ifdef PY_HAVE_PERF_TRAMPOLINE
+
+#include <errno.h>
+#include <fcntl.h>                // open()
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/mman.h>             // mmap()
+#include <sys/stat.h>             // fstat()
+#include <unistd.h>               // write(), sysconf()
+
+typedef PyObject *(*py_evaluator)(PyThreadState *, _PyInterpreterFrame *,
+                                  int throwflag);
+typedef PyObject *(*py_trampoline)(PyThreadState *, _PyInterpreterFrame *,
+                                   int throwflag, py_evaluator);
+
+/* The template, from Python/asm_trampoline.S. */
+extern const char _Py_trampoline_func_start[];
+extern const char _Py_trampoline_func_end[];
+
+/* Each trampoline starts on its own 16-byte boundary. */
+#define TRAMPOLINE_ALIGN 16
+
+/* Arenas start small (a plain script uses a few hundred code objects) and
+   double up to a cap, so a program with a million code objects needs only
+   a few dozen mappings. */
+#define ARENA_MIN_SIZE (64 * 1024)
+#define ARENA_MAX_SIZE (4 * 1024 * 1024)
+
+typedef struct {
+    char *next;         /* next free trampoline */
+    char *end;          /* end of the current arena */
+    size_t last_size;   /* size of the current arena */
+    size_t total_size;  /* bytes mapped for all arenas */
+    size_t count;       /* trampolines handed out */
+} arena_state;
+
+static arena_state arenas;
+
+static size_t
+template_size(void)
+{
+    return (size_t)(_Py_trampoline_func_end - _Py_trampoline_func_start);
+}
+
+static size_t
+trampoline_stride(void)
+{
+    size_t size = template_size();
+    return (size + TRAMPOLINE_ALIGN - 1) & ~(size_t)(TRAMPOLINE_ALIGN - 1);
+}
+
+/* Map a new arena, fill it with copies of the template, then make it
+   read+execute.  Returns -1 with errno set on failure. */
+static int
+new_arena(void)
+{
+    size_t size = arenas.last_size ? arenas.last_size * 2 : ARENA_MIN_SIZE;
+    if (size > ARENA_MAX_SIZE) {
+        size = ARENA_MAX_SIZE;
+    }
+    char *mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) {
+        return -1;
+    }
+    size_t stride = trampoline_stride();
+    size_t count = size / stride;
+    for (size_t i = 0; i < count; i++) {
+        memcpy(mem + i * stride, _Py_trampoline_func_start, template_size());
+    }
+    if (mprotect(mem, size, PROT_READ | PROT_EXEC) < 0) {
+        int saved_errno = errno;
+        munmap(mem, size);
+        errno = saved_errno;
+        return -1;
+    }
+    /* Needed on architectures whose instruction cache does not snoop data
+       writes (aarch64); a no-op on x86_64. */
+    __builtin___clear_cache(mem, mem + size);
+    arenas.next = mem;
+    arenas.end = mem + count * stride;
+    arenas.last_size = size;
+    arenas.total_size += size;
+    return 0;
+}
+
+/* Hand out the next trampoline.  Returns NULL with errno set on failure. */
+static py_trampoline
+allocate_trampoline(void)
+{
+    if (arenas.next == NULL || arenas.next == arenas.end) {
+        if (new_arena() < 0) {
+            return NULL;
+        }
+    }
+    char *code = arenas.next;
+    arenas.next += trampoline_stride();
+    arenas.count++;
+    return (py_trampoline)(void *)code;
+}
+
+
+/* ---------------------------------------------------------------------
+   The map file, /tmp/perf-<pid>.map. */
+
+/* Longest symbol name written; longer names are cut with "...". */
+#define MAX_NAME_BYTES 4000
+/* Room for "<addr> <size> ", the name and "\n". */
+#define MAX_LINE_BYTES (MAX_NAME_BYTES + 64)
+
+typedef struct {
+    int fd;             /* -1 while no map file is open */
+    pid_t owner;        /* the process that created the file behind fd */
+    off_t size;         /* bytes of complete lines in the file */
+    const char *refusal;  /* why an existing file was refused, or NULL */
+} perf_map_state;
+
+static perf_map_state perf_map = {-1, 0, 0, NULL};
+
+/* Writers may come without the GIL (the PyUnstable perf-map API), so the
+   file has a lock of its own. */
+static pthread_mutex_t perf_map_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void
+perf_map_path(char *buf, size_t size, pid_t pid)
+{
+    snprintf(buf, size, "/tmp/perf-%ld.map", (long)pid);
+}
+
+/* Refuse an existing file we must not write into. */
+static int
+check_map_file(int fd)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        perf_map.refusal = "is not a regular file";
+        errno = EINVAL;
+        return -1;
+    }
+    if (st.st_uid != geteuid()) {
+        perf_map.refusal = "is owned by another user";
+        errno = EPERM;
+        return -1;
+    }
+    if (st.st_nlink != 1) {
+        perf_map.refusal = "has other hard links";
+        errno = EMLINK;
+        return -1;
+    }
+    if ((st.st_mode & 07777) != 0600 && fchmod(fd, 0600) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+/* Open this process's map file.  A file left by an earlier process with
+   the same pid is emptied; one this process wrote before (an earlier
+   Py_Initialize) is appended to.  Caller holds perf_map_lock.  Returns -1
+   with errno (and maybe perf_map.refusal) set on failure. */
+static int
+perf_map_open_locked(void)
+{
+    char path[64];
+    pid_t pid = getpid();
+    perf_map_path(path, sizeof(path), pid);
+    perf_map.refusal = NULL;
+    /* O_NOFOLLOW: never write through a planted symlink.  O_NONBLOCK: a
+       planted FIFO must not hang us before check_map_file() rejects it. */
+    int fd = open(path,
+                  O_RDWR | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC
+                  | O_NONBLOCK, 0600);
+    if (fd < 0) {
+        if (errno == ELOOP) {
+            perf_map.refusal = "is a symbolic link";
+        }
+        return -1;
+    }
+    int reuse = (perf_map.owner == pid);
+    struct stat st;
+    if (check_map_file(fd) < 0
+        || fcntl(fd, F_SETFL, O_APPEND) < 0
+        || (!reuse && ftruncate(fd, 0) < 0)
+        || fstat(fd, &st) < 0)
+    {
+        int saved_errno = errno;
+        close(fd);
+        errno = saved_errno;
+        return -1;
+    }
+    perf_map.fd = fd;
+    perf_map.owner = pid;
+    perf_map.size = st.st_size;
+    return 0;
+}
+
+/* Append whole lines; on failure cut the file back to its last complete
+   line so a reader never sees half a line.  Caller holds perf_map_lock. */
+static int
+perf_map_append_locked(const char *buf, size_t len)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = write(perf_map.fd, buf + done, len - done);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            int saved_errno = (n == 0) ? ENOSPC : errno;
+            (void)ftruncate(perf_map.fd, perf_map.size);
+            errno = saved_errno;
+            return -1;
+        }
+        done += (size_t)n;
+    }
+    perf_map.size += (off_t)len;
+    return 0;
+}
+
+/* Copy the first `size` bytes of the parent's map (still open as
+   `parent_fd`) into ours, so trampolines inherited across fork() -
+   including those of frames on the stack - resolve in the child. */
+static int
+perf_map_copy_locked(int parent_fd, off_t size)
+{
+    char buf[64 * 1024];
+    off_t offset = 0;
+    while (offset < size) {
+        size_t want = sizeof(buf);
+        if ((off_t)want > size - offset) {
+            want = (size_t)(size - offset);
+        }
+        ssize_t n = pread(parent_fd, buf, want, offset);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return n == 0 ? 0 : -1;  /* the parent's file got shorter */
+        }
+        /* Whole lines only: a chunk can end in the middle of one. */
+        size_t len = (size_t)n;
+        if (offset + n < size) {
+            while (len > 0 && buf[len - 1] != '\n') {
+                len--;
+            }
+            if (len == 0) {
+                errno = EINVAL;  /* a line longer than the buffer */
+                return -1;
+            }
+        }
+        if (perf_map_append_locked(buf, len) < 0) {
+            return -1;
+        }
+        offset += (off_t)len;
+    }
+    return 0;
+}
+
+/* In a forked child, swap the parent's map for our own.  The parent's file
+   is never written by the child.  Caller holds perf_map_lock. */
+static int
+perf_map_fork_locked(void)
+{
+    int parent_fd = perf_map.fd;
+    off_t parent_size = perf_map.size;
+    perf_map.fd = -1;
+    int res = perf_map_open_locked();
+    if (res == 0) {
+        res = perf_map_copy_locked(parent_fd, parent_size);
+    }
+    int saved_errno = errno;
+    close(parent_fd);
+    errno = saved_errno;
+    return res;
+}
+
+/* Make sure this process's map file is open.  Caller holds the lock. */
+static int
+perf_map_ready_locked(void)
+{
+    if (perf_map.fd < 0) {
+        return perf_map_open_locked();
+    }
+    if (perf_map.owner != getpid()) {
+        /* Forked without PyOS_AfterFork_Child() (a C extension's fork). */
+        return perf_map_fork_locked();
+    }
+    return 0;
+}
+
+/* Escape one code point of a name so that the map line stays one line
+   and valid UTF-8.  Returns the bytes written to out (at most 6). */
+static size_t
+escape_name_char(Py_UCS4 ch, char *out)
+{
+    if (ch < 0x20 || ch == 0x7f || (ch >= 0x80 && ch < 0xa0)) {
+        /* C0, DEL and C1 controls: "\n" must never end the line. */
+        return (size_t)sprintf(out, "\\x%02x", (unsigned int)ch);
+    }
+    if (ch >= 0xdc80 && ch <= 0xdcff) {
+        /* A byte of an undecodable file name (surrogateescape). */
+        return (size_t)sprintf(out, "\\x%02x", (unsigned int)(ch - 0xdc00));
+    }
+    if (ch >= 0xd800 && ch <= 0xdfff) {
+        ch = 0xfffd;  /* other lone surrogates cannot be encoded */
+    }
+    if (ch < 0x80) {
+        out[0] = (char)ch;
+        return 1;
+    }
+    if (ch < 0x800) {
+        out[0] = (char)(0xc0 | (ch >> 6));
+        out[1] = (char)(0x80 | (ch & 0x3f));
+        return 2;
+    }
+    if (ch < 0x10000) {
+        out[0] = (char)(0xe0 | (ch >> 12));
+        out[1] = (char)(0x80 | ((ch >> 6) & 0x3f));
+        out[2] = (char)(0x80 | (ch & 0x3f));
+        return 3;
+    }
+    out[0] = (char)(0xf0 | (ch >> 18));
+    out[1] = (char)(0x80 | ((ch >> 12) & 0x3f));
+    out[2] = (char)(0x80 | ((ch >> 6) & 0x3f));
+    out[3] = (char)(0x80 | (ch & 0x3f));
+    return 4;
+}
+
+typedef struct {
+    char *buf;
+    size_t len;
+    size_t limit;       /* room for the name, not counting "...\n" */
+    int truncated;
+} name_writer;
+
+static void
+put_ascii(name_writer *w, const char *s)
+{
+    for (; *s && !w->truncated; s++) {
+        if (w->len + 1 > w->limit) {
+            w->truncated = 1;
+            break;
+        }
+        w->buf[w->len++] = *s;
+    }
+}
+
+static void
+put_unicode(name_writer *w, PyObject *str)
+{
+    if (str == NULL || !PyUnicode_Check(str) || PyUnicode_READY(str) < 0) {
+        put_ascii(w, "?");
+        return;
+    }
+    int kind = PyUnicode_KIND(str);
+    const void *data = PyUnicode_DATA(str);
+    Py_ssize_t length = PyUnicode_GET_LENGTH(str);
+    for (Py_ssize_t i = 0; i < length && !w->truncated; i++) {
+        char encoded[8];
+        size_t n = escape_name_char(PyUnicode_READ(kind, data, i), encoded);
+        if (w->len + n > w->limit) {
+            w->truncated = 1;
+            break;
+        }
+        memcpy(w->buf + w->len, encoded, n);
+        w->len += n;
+    }
+}
+
+/* Write the map line "<addr> <size> py::<qualname>:<filename>\n" for a
+   code object's trampoline into buf; returns its length. */
+static size_t
+format_code_entry(char *buf, py_trampoline code, PyCodeObject *co)
+{
+    int prefix = snprintf(buf, 64, "%" PRIxPTR " %zx ",
+                          (uintptr_t)code, template_size());
+    name_writer w = {buf + prefix, 0, MAX_NAME_BYTES, 0};
+    put_ascii(&w, "py::");
+    put_unicode(&w, co->co_qualname);
+    put_ascii(&w, ":");
+    put_unicode(&w, co->co_filename);
+    if (w.truncated) {
+        memcpy(w.buf + w.len, "...", 3);
+        w.len += 3;
+    }
+    w.buf[w.len++] = '\n';
+    return (size_t)prefix + w.len;
+}
+
+static int
+write_code_entry(py_trampoline code, PyCodeObject *co)
+{
+    char line[MAX_LINE_BYTES];
+    size_t len = format_code_entry(line, code, co);
+    pthread_mutex_lock(&perf_map_lock);
+    int res = perf_map_ready_locked();
+    if (res == 0) {
+        res = perf_map_append_locked(line, len);
+    }
+    int saved_errno = errno;
+    pthread_mutex_unlock(&perf_map_lock);
+    errno = saved_errno;
+    return res;
+}
+
+/* Raise the Python exception for a failed map operation (errno set). */
+static void
+set_map_error(void)
+{
+    char path[64];
+    perf_map_path(path, sizeof(path), getpid());
+    if (perf_map.refusal != NULL) {
+        PyErr_Format(PyExc_OSError, "perf map file %s %s; not writing to it",
+                     path, perf_map.refusal);
+    }
+    else {
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+}
+
+
+/* ---------------------------------------------------------------------
+   The eval-frame hook and the code-object cache. */
+
+/* The co_extra slot holds the code object's trampoline.  Trampolines are
+   never freed one by one, so there is nothing to release. */
+static void
+release_code_extra(void *Py_UNUSED(trampoline))
+{
+}
+
+/* Our co_extra index in the interpreter that last used it.  The index is
+   per interpreter; release_code_extra in the interpreter's table of free
+   functions marks ours, so it is requested only once per interpreter
+   however often perf mode is toggled. */
+static Py_ssize_t code_extra_index = -1;
+
+static Py_ssize_t
+find_code_extra_index(PyInterpreterState *interp)
+{
+    Py_ssize_t index = code_extra_index;
+    if (index >= 0 && index < interp->co_extra_user_count
+        && interp->co_extra_freefuncs[index] == release_code_extra)
+    {
+        return index;
+    }
+    for (index = 0; index < interp->co_extra_user_count; index++) {
+        if (interp->co_extra_freefuncs[index] == release_code_extra) {
+            code_extra_index = index;
+            return index;
+        }
+    }
+    return -1;
+}
+
+static int
+request_code_extra_index(PyInterpreterState *interp)
+{
+    if (find_code_extra_index(interp) >= 0) {
+        return 0;
+    }
+    Py_ssize_t index = _PyEval_RequestCodeExtraIndex(release_code_extra);
+    if (index < 0) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "no free code object extra slot for perf support");
+        return -1;
+    }
+    code_extra_index = index;
+    return 0;
+}
+
+/* Give a code object its trampoline.  Returns NULL with an exception. */
+static py_trampoline
+compile_trampoline(PyCodeObject *co, Py_ssize_t index)
+{
+    py_trampoline code = allocate_trampoline();
+    if (code == NULL) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    /* Name it before first use: a sample may land in it right away. */
+    if (write_code_entry(code, co) < 0) {
+        set_map_error();
+        return NULL;
+    }
+    if (_PyCode_SetExtra((PyObject *)co, index, (void *)code) < 0) {
+        return NULL;
+    }
+    return code;
+}
+
+static PyObject *py_trampoline_evaluator(PyThreadState *, _PyInterpreterFrame *,
+                                         int);
+
+/* A trampoline could not be made while running: turn perf mode off in this
+   interpreter with one warning and carry on with the default evaluator. */
+static void
+disable_after_failure(PyThreadState *tstate)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *msg = value ? PyObject_Str(value) : NULL;
+    const char *text = msg ? PyUnicode_AsUTF8(msg) : NULL;
+    fprintf(stderr, "python: perf support disabled: %s\n",
+            text ? text : "cannot create a trampoline");
+    fflush(stderr);
+    PyErr_Clear();
+    Py_XDECREF(msg);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    if (tstate->interp->eval_frame == py_trampoline_evaluator) {
+        _PyInterpreterState_SetEvalFrameFunc(tstate->interp, NULL);
+    }
+}
+
+static PyObject *
+py_trampoline_evaluator(PyThreadState *tstate, _PyInterpreterFrame *frame,
+                        int throwflag)
+{
+    PyCodeObject *co = frame->f_code;
+    Py_ssize_t index = find_code_extra_index(tstate->interp);
+    if (index < 0) {
+        return _PyEval_EvalFrameDefault(tstate, frame, throwflag);
+    }
+    void *extra = NULL;
+    (void)_PyCode_GetExtra((PyObject *)co, index, &extra);
+    py_trampoline code = (py_trampoline)extra;
+    if (code == NULL) {
+        /* A thrown-in exception is pending when throwflag is set: keep it
+           out of the way while the trampoline is made. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        code = compile_trampoline(co, index);
+        if (code == NULL) {
+            disable_after_failure(tstate);
+        }
+        PyErr_Restore(type, value, tb);
+        if (code == NULL) {
+            return _PyEval_EvalFrameDefault(tstate, frame, throwflag);
+        }
+    }
+    return code(tstate, frame, throwflag, _PyEval_EvalFrameDefault);
+}
+
+
+/* ---------------------------------------------------------------------
+   Turning perf mode on and off. */
+
+static int
+perf_map_prepare(void)
+{
+    pthread_mutex_lock(&perf_map_lock);
+    int res = perf_map_ready_locked();
+    int saved_errno = errno;
+    pthread_mutex_unlock(&perf_map_lock);
+    errno = saved_errno;
+    if (res < 0) {
+        set_map_error();
+    }
+    return res;
+}
+
+/* Returns -1 with an exception if perf mode cannot be turned on; the
+   interpreter then keeps its default evaluator. */
+static int
+activate(PyThreadState *tstate)
+{
+    PyInterpreterState *interp = tstate->interp;
+    if (interp->eval_frame == py_trampoline_evaluator) {
+        return 0;
+    }
+    if (interp->eval_frame != NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "perf trampoline cannot be activated: another "
+                        "frame evaluation function is installed");
+        return -1;
+    }
+    if (request_code_extra_index(interp) < 0 || perf_map_prepare() < 0) {
+        return -1;
+    }
+    if (arenas.next == NULL && new_arena() < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    _PyInterpreterState_SetEvalFrameFunc(interp, py_trampoline_evaluator);
+    return 0;
+}
+
+static void
+deactivate(PyInterpreterState *interp)
+{
+    /* Running frames keep returning through their trampolines, which stay
+       mapped; only new frames stop using them. */
+    if (interp->eval_frame == py_trampoline_evaluator) {
+        _PyInterpreterState_SetEvalFrameFunc(interp, NULL);
+    }
+}
+
+static int
+is_active(PyInterpreterState *interp)
+{
+    return interp->eval_frame == py_trampoline_evaluator;
+}
+
+/* -X perf, or PYTHONPERFSUPPORT set to a positive integer. */
+static int
+perf_requested(const PyConfig *config)
+{
+    for (Py_ssize_t i = 0; i < config->xoptions.length; i++) {
+        const wchar_t *opt = config->xoptions.items[i];
+        if (wcscmp(opt, L"perf") == 0 || wcsncmp(opt, L"perf=", 5) == 0) {
+            return 1;
+        }
+    }
+    const char *env = _Py_GetEnv(config->use_environment,
+                                 "PYTHONPERFSUPPORT");
+    if (env == NULL) {
+        return 0;
+    }
+    char *end;
+    errno = 0;
+    long value = strtol(env, &end, 10);
+    if (errno != 0 || end == env || *end != '\0' || value < 0) {
+        fprintf(stderr, "python: PYTHONPERFSUPPORT=%s is not a "
+                "non-negative integer; perf support stays off\n", env);
+        return 0;
+    }
+    return value > 0;
+}
+
+void
+_PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
+{
+    const PyConfig *config = _PyInterpreterState_GetConfig(tstate->interp);
+    if (!perf_requested(config)) {
+        return;
+    }
+    if (activate(tstate) < 0) {
+        disable_after_failure(tstate);
+    }
+}
+
+void
+_PyPerfTrampoline_Fini(void)
+{
+    PyThreadState *tstate = _PyThreadState_GET();
+    if (tstate != NULL) {
+        deactivate(tstate->interp);
+    }
+    pthread_mutex_lock(&perf_map_lock);
+    if (perf_map.fd >= 0) {
+        close(perf_map.fd);
+        perf_map.fd = -1;
+    }
+    pthread_mutex_unlock(&perf_map_lock);
+}
+
+void
+_PyPerfTrampoline_AfterFork_Child(void)
+{
+    /* Another thread of the parent may have held the lock at fork(). */
+    pthread_mutex_init(&perf_map_lock, NULL);
+    if (perf_map.fd < 0) {
+        return;
+    }
+    int res = perf_map_fork_locked();
+    if (res < 0) {
+        set_map_error();
+        disable_after_failure(_PyThreadState_GET());
+    }
+}
+
+#else  /* !PY_HAVE_PERF_TRAMPOLINE */
+
+static int
+activate(PyThreadState *Py_UNUSED(tstate))
+{
+    PyErr_SetString(PyExc_ValueError, "perf trampoline not available");
+    return -1;
+}
+
+static void
+deactivate(PyInterpreterState *Py_UNUSED(interp))
+{
+}
+
+static int
+is_active(PyInterpreterState *Py_UNUSED(interp))
+{
+    return 0;
+}
+
+void
+_PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
+{
+    const PyConfig *config = _PyInterpreterState_GetConfig(tstate->interp);
+    for (Py_ssize_t i = 0; i < config->xoptions.length; i++) {
+        if (wcscmp(config->xoptions.items[i], L"perf") == 0) {
+            fprintf(stderr, "python: -X perf: perf support is not "
+                    "available on this platform\n");
+            return;
+        }
+    }
+}
+
+void
+_PyPerfTrampoline_Fini(void)
+{
+}
+
+void
+_PyPerfTrampoline_AfterFork_Child(void)
+{
+}
+
+#endif  /* PY_HAVE_PERF_TRAMPOLINE */
+
+
+/* ---------------------------------------------------------------------
+   The sys module functions, with CPython 3.12's names and semantics. */
+
+PyDoc_STRVAR(activate_doc,
+"activate_stack_trampoline($module, backend, /)\n\
+--\n\
+\n\
+Activate stack profiler trampoline *backend*.");
+
+static PyObject *
+sys_activate_stack_trampoline(PyObject *Py_UNUSED(module), PyObject *backend)
+{
+    if (!PyUnicode_Check(backend)) {
+        PyErr_Format(PyExc_TypeError,
+                     "activate_stack_trampoline() argument must be str, "
+                     "not %.50s", Py_TYPE(backend)->tp_name);
+        return NULL;
+    }
+    if (!_PyUnicode_EqualToASCIIString(backend, "perf")) {
+        PyErr_Format(PyExc_ValueError, "invalid backend: %R", backend);
+        return NULL;
+    }
+    if (activate(_PyThreadState_GET()) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(deactivate_doc,
+"deactivate_stack_trampoline($module, /)\n\
+--\n\
+\n\
+Deactivate the current stack profiler trampoline backend.\n\
+\n\
+If no stack profiler is activated, this function has no effect.");
+
+static PyObject *
+sys_deactivate_stack_trampoline(PyObject *Py_UNUSED(module),
+                                PyObject *Py_UNUSED(args))
+{
+    deactivate(_PyInterpreterState_GET());
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(is_active_doc,
+"is_stack_trampoline_active($module, /)\n\
+--\n\
+\n\
+Return *True* if a stack profiler trampoline is active.");
+
+static PyObject *
+sys_is_stack_trampoline_active(PyObject *Py_UNUSED(module),
+                               PyObject *Py_UNUSED(args))
+{
+    return PyBool_FromLong(is_active(_PyInterpreterState_GET()));
+}
+
+PyMethodDef _PyPerfTrampoline_SysMethods[] = {
+    {"activate_stack_trampoline", sys_activate_stack_trampoline,
+     METH_O, activate_doc},
+    {"deactivate_stack_trampoline", sys_deactivate_stack_trampoline,
+     METH_NOARGS, deactivate_doc},
+    {"is_stack_trampoline_active", sys_is_stack_trampoline_active,
+     METH_NOARGS, is_active_doc},
+    {NULL, NULL}
+};

@@ -1,0 +1,401 @@
+#!/bin/bash
+# The driver behind the top-level Makefile: turns pristine CPython 3.11 into
+# the patched, frame-pointer build.  Every step prints one short progress
+# line and sends its long output to build/logs/<step>.log; on failure it
+# prints the end of that log and exits non-zero.
+#
+#   cperf.sh deps | fetch | prepare | build | stock | dist | install | demo
+#
+# Environment: CPYTHON_SRC (tarball or unpacked tree), CPERF_CACHE (download
+# cache, default ~/.cache/cpython-perf), FRAME_POINTERS (yes/no), PREFIX.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILD=$ROOT/build
+LOGS=$BUILD/logs
+CACHE=${CPERF_CACHE:-$HOME/.cache/cpython-perf}
+PRISTINE_NAME=python3.11_3.11.2.orig.tar.gz
+PRISTINE_SHA256=2411c74bda5bbcfcddaf4531f66d1adc73f247f529aee981b029513aefdbf849
+# Directories of our tree that hold new files at their CPython paths.
+NEW_FILE_DIRS="Python Include Lib Doc Misc Tools"
+FP_CFLAGS="-fno-omit-frame-pointer -mno-omit-leaf-frame-pointer"
+JOBS=$(nproc)
+
+REQUIRED_PACKAGES="autoconf autoconf-archive pkg-config build-essential
+    libffi-dev zlib1g-dev libssl-dev linux-perf rsync"
+OPTIONAL_PACKAGES="libbz2-dev liblzma-dev libsqlite3-dev libreadline-dev
+    libgdbm-dev libgdbm-compat-dev uuid-dev libncurses-dev"
+
+say() { printf '[%s] %s\n' "$STEP" "$*"; }
+die() { printf '[%s] error: %s\n' "$STEP" "$*" >&2; exit 1; }
+
+# run LOG CMD...: run CMD with its output in build/logs/LOG.log; on failure
+# show the end of the log.
+run() {
+    local log=$LOGS/$1.log
+    shift
+    mkdir -p "$LOGS"
+    if ! "$@" >>"$log" 2>&1; then
+        printf '[%s] error: %s failed; last lines of %s:\n' \
+            "$STEP" "$1" "${log#"$ROOT"/}" >&2
+        tail -n 25 "$log" >&2
+        exit 1
+    fi
+}
+
+# ---------------------------------------------------------------- deps
+
+missing_packages() {
+    local pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null \
+            | grep -q 'install ok installed' || echo "$pkg"
+    done
+}
+
+cmd_deps() {
+    STEP=deps
+    # shellcheck disable=SC2086
+    local missing
+    missing=$(missing_packages $REQUIRED_PACKAGES $OPTIONAL_PACKAGES | xargs)
+    if [ -z "$missing" ]; then
+        say "all build dependencies present"
+        return
+    fi
+    if [ "$(id -u)" != 0 ]; then
+        die "missing Debian packages: $missing
+    install them as root: apt-get install $missing"
+    fi
+    say "installing $missing"
+    run deps apt-get update
+    # shellcheck disable=SC2086
+    run deps env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends $missing
+}
+
+# --------------------------------------------------------------- fetch
+
+have_deb_src() {
+    grep -Eqs '^[[:space:]]*(deb-src[[:space:]]|Types:.*deb-src)' \
+        /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+        /etc/apt/sources.list.d/*.sources
+}
+
+ensure_deb_src() {
+    have_deb_src && return
+    local entry=/etc/apt/sources.list.d/cpython-perf-src.sources
+    if [ "$(id -u)" != 0 ]; then
+        die "apt has no deb-src entry; as root add $entry with:
+    Types: deb-src
+    URIs: http://deb.debian.org/debian
+    Suites: bookworm
+    Components: main"
+    fi
+    say "adding a deb-src entry for bookworm: $entry"
+    cat >"$entry" <<'EOF'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    run fetch apt-get update
+}
+
+verify_tarball() {
+    local file=$1 sum
+    sum=$(sha256sum "$file" | cut -d' ' -f1)
+    if [ "$sum" != "$PRISTINE_SHA256" ]; then
+        rm -f "$file"
+        die "checksum mismatch for $file
+    expected $PRISTINE_SHA256
+    got      $sum
+    the file was deleted; run the command again to download a fresh copy"
+    fi
+}
+
+# Sets SRC to the pristine 3.11.2 tarball, downloading it once.
+pristine_tarball() {
+    local tarball=$CACHE/$PRISTINE_NAME
+    if [ -f "$tarball" ]; then
+        verify_tarball "$tarball"
+        SRC=$tarball
+        return
+    fi
+    ensure_deb_src
+    say "downloading pristine CPython 3.11.2 (apt-get source python3.11)"
+    mkdir -p "$CACHE"
+    local tmp
+    tmp=$(mktemp -d "$CACHE/download.XXXXXX")
+    (cd "$tmp" && run fetch apt-get source --download-only --tar-only \
+        python3.11) || { rm -rf "$tmp"; exit 1; }
+    [ -f "$tmp/$PRISTINE_NAME" ] || {
+        rm -rf "$tmp"
+        die "apt-get source did not provide $PRISTINE_NAME"
+    }
+    verify_tarball "$tmp/$PRISTINE_NAME"
+    mv "$tmp/$PRISTINE_NAME" "$tarball"
+    rm -rf "$tmp"
+    SRC=$tarball
+}
+
+# The version "3.11.N" of an unpacked tree or tarball, from patchlevel.h.
+source_version() {
+    local src=$1 header
+    if [ -d "$src" ]; then
+        header=$(cat "$src/Include/patchlevel.h" 2>/dev/null) || true
+    else
+        header=$(tar -xOf "$src" --wildcards --no-anchored \
+            'Include/patchlevel.h' 2>/dev/null) || true
+    fi
+    [ -n "$header" ] || die "$src: no Include/patchlevel.h; not a CPython source tree"
+    local major minor micro
+    major=$(sed -n 's/^#define PY_MAJOR_VERSION[[:space:]]*\([0-9]*\).*/\1/p' <<<"$header")
+    minor=$(sed -n 's/^#define PY_MINOR_VERSION[[:space:]]*\([0-9]*\).*/\1/p' <<<"$header")
+    micro=$(sed -n 's/^#define PY_MICRO_VERSION[[:space:]]*\([0-9]*\).*/\1/p' <<<"$header")
+    echo "$major.$minor.$micro"
+}
+
+# Sets SRC to the source to build from: CPYTHON_SRC or the pristine tarball.
+upstream_source() {
+    STEP=fetch
+    if [ -z "${CPYTHON_SRC:-}" ]; then
+        pristine_tarball
+        return
+    fi
+    [ -e "$CPYTHON_SRC" ] || die "CPYTHON_SRC=$CPYTHON_SRC does not exist"
+    local version
+    version=$(source_version "$CPYTHON_SRC")
+    case $version in
+        3.11.*) ;;
+        *) die "CPYTHON_SRC=$CPYTHON_SRC is CPython $version; this patch is for 3.11.x only" ;;
+    esac
+    SRC=$(realpath "$CPYTHON_SRC")
+}
+
+cmd_fetch() {
+    upstream_source
+    local src=$SRC
+    STEP=fetch
+    say "upstream source: $src ($(source_version "$src"))"
+}
+
+# ------------------------------------------------------------- prepare
+
+# unpack SRC DEST: DEST becomes a copy of the upstream tree.
+unpack() {
+    local src=$1 dest=$2
+    rm -rf "$dest"
+    mkdir -p "$dest"
+    if [ -d "$src" ]; then
+        cp -a "$src/." "$dest/"
+    else
+        tar -xzf "$src" -C "$dest" --strip-components=1
+    fi
+}
+
+series() { grep -Ev '^[[:space:]]*(#|$)' "$ROOT/patches/series"; }
+
+apply_series() {
+    local tree=$1 n=0 total patch
+    total=$(series | wc -l)
+    for patch in $(series); do
+        n=$((n + 1))
+        say "$n/$total $patch"
+        if ! patch -d "$tree" -p1 -F0 -N --no-backup-if-mismatch \
+                <"$ROOT/patches/$patch" >"$LOGS/patch-$patch.log" 2>&1; then
+            cat "$LOGS/patch-$patch.log" >&2
+            die "patch $patch does not apply (hunk above)"
+        fi
+        if grep -q 'with fuzz\|offset' "$LOGS/patch-$patch.log"; then
+            grep 'with fuzz\|offset' "$LOGS/patch-$patch.log" | sed 's/^/    /'
+        fi
+    done
+}
+
+copy_new_files() {
+    local tree=$1 dir
+    for dir in $NEW_FILE_DIRS; do
+        [ -d "$ROOT/$dir" ] || continue
+        # -c: only files whose contents changed get a new mtime, so make
+        # rebuilds exactly what changed.
+        rsync -rc --exclude=__pycache__ "$ROOT/$dir/" "$tree/$dir/"
+    done
+}
+
+# A fingerprint of everything that decides the patched tree except our new
+# files (those are synced on every build).
+tree_stamp() {
+    local src=$1
+    {
+        echo "$src"
+        if [ -d "$src" ]; then
+            (cd "$src" && find . -type f -printf '%P %s %T@\n' | sort)
+        else
+            sha256sum <"$src"
+        fi
+        cat "$ROOT/patches/series"
+        series | while read -r p; do cat "$ROOT/patches/$p"; done
+        (cd "$ROOT" && find $NEW_FILE_DIRS -type f 2>/dev/null | sort)
+        sha256sum <"$ROOT/driver/cperf.sh"
+    } | sha256sum | cut -d' ' -f1
+}
+
+cmd_prepare() {
+    local stamp
+    upstream_source
+    local src=$SRC
+    STEP=patch
+    mkdir -p "$LOGS"
+    stamp=$(tree_stamp "$src")
+    if [ -f "$BUILD/src/.cperf-stamp" ] &&
+            [ "$(cat "$BUILD/src/.cperf-stamp")" = "$stamp" ]; then
+        copy_new_files "$BUILD/src"
+        return
+    fi
+    # Patch a fresh copy of the pristine tree, then sync it over build/src:
+    # files whose contents did not change keep their mtime.
+    local stage=$BUILD/stage
+    say "unpacking $(basename "$src") into a fresh tree"
+    unpack "$src" "$stage"
+    copy_new_files "$stage"
+    apply_series "$stage"
+    say "regenerating configure (autoreconf)"
+    (cd "$stage" && run autoreconf autoreconf --force)
+    mkdir -p "$BUILD/src"
+    rsync -rlc --delete --exclude=.cperf-stamp "$stage/" "$BUILD/src/"
+    rm -rf "$stage"
+    echo "$stamp" >"$BUILD/src/.cperf-stamp"
+}
+
+# --------------------------------------------------------------- build
+
+cflags() {
+    case ${FRAME_POINTERS:-yes} in
+        yes) echo "$FP_CFLAGS" ;;
+        no) echo "-fomit-frame-pointer" ;;
+        *) die "FRAME_POINTERS must be yes or no" ;;
+    esac
+}
+
+# configure_and_make SRC OBJ: out-of-tree build of SRC in OBJ.
+configure_and_make() {
+    local src=$1 obj=$2 flags stamp
+    flags=$(cflags)
+    stamp=$(printf '%s\n' "$flags" "$(sha256sum <"$src/configure")" | sha256sum)
+    mkdir -p "$obj"
+    if [ ! -f "$obj/Makefile" ] || [ ! -f "$obj/.cperf-configure" ] ||
+            [ "$(cat "$obj/.cperf-configure")" != "$stamp" ]; then
+        say "configure ($obj) CFLAGS='$flags'"
+        (cd "$obj" && run configure-"$(basename "$(dirname "$obj")")" \
+            "$src/configure" CFLAGS="$flags" --with-ensurepip=no)
+        echo "$stamp" >"$obj/.cperf-configure"
+    fi
+    say "make -j$JOBS ($obj)"
+    run build make -C "$obj" -j"$JOBS"
+}
+
+cmd_build() {
+    cmd_deps
+    cmd_prepare
+    STEP=build
+    : >"$LOGS/build.log"
+    configure_and_make "$BUILD/src" "$BUILD/obj"
+    ln -sfn obj/python "$BUILD/python"
+    say "built build/python: $("$BUILD/python" -c 'import sys; print(sys.version.split()[0])')"
+}
+
+cmd_stock() {
+    cmd_deps
+    upstream_source
+    local src=$SRC
+    STEP=stock
+    mkdir -p "$LOGS" "$BUILD/stock"
+    local stamp
+    stamp=$(printf '%s\n' "$src" "$(tree_stamp "$src")" | sha256sum | cut -d' ' -f1)
+    if [ ! -f "$BUILD/stock/src/.cperf-stamp" ] ||
+            [ "$(cat "$BUILD/stock/src/.cperf-stamp")" != "$stamp" ]; then
+        say "unpacking pristine $(basename "$src") into build/stock/src"
+        unpack "$src" "$BUILD/stock/src"
+        rm -rf "$BUILD/stock/obj"
+        echo "$stamp" >"$BUILD/stock/src/.cperf-stamp"
+    fi
+    : >"$LOGS/build.log"
+    configure_and_make "$BUILD/stock/src" "$BUILD/stock/obj"
+    ln -sfn obj/python "$BUILD/stock/python"
+    say "built build/stock/python (no patches)"
+}
+
+# ---------------------------------------------------------------- dist
+
+# The series and our new files as one diff against the pristine tree.
+cmd_dist() {
+    upstream_source
+    local src=$SRC
+    STEP=dist
+    mkdir -p "$LOGS" "$ROOT/dist"
+    local work=$BUILD/dist-work
+    rm -rf "$work"
+    unpack "$src" "$work/a"
+    unpack "$src" "$work/b"
+    copy_new_files "$work/b"
+    apply_series "$work/b" >/dev/null
+    local out=$ROOT/dist/python3.11-perf.patch
+    {
+        echo "Description: Linux perf support (python -X perf) for CPython 3.11"
+        echo " Generated by 'make dist' from the cpython-perf series:"
+        series | sed 's/^/   /'
+        echo " After applying, regenerate configure (autoreconf), as"
+        echo " dh_autoreconf does."
+        echo "Forwarded: not-needed"
+        echo "---"
+        (cd "$work" && diff -Naur a b) || [ $? = 1 ]
+    } >"$out"
+    rm -rf "$work"
+    say "wrote dist/python3.11-perf.patch ($(grep -c '^+++ ' "$out") files)"
+}
+
+# ------------------------------------------------------------- install
+
+cmd_install() {
+    STEP=install
+    local prefix=${PREFIX:-/usr/local}
+    [ -x "$BUILD/obj/python" ] || die "nothing built; run make first"
+    say "make altinstall prefix=$prefix (never replaces python3)"
+    run install make -C "$BUILD/obj" altinstall \
+        prefix="$prefix" exec_prefix="$prefix"
+    say "installed $prefix/bin/python3.11"
+}
+
+# ---------------------------------------------------------------- demo
+
+cmd_demo() {
+    STEP=demo
+    local demo=$BUILD/demo python=$BUILD/python
+    mkdir -p "$demo"
+    cp "$ROOT/driver/demo_seed.py" "$demo/seed.py"
+    if ! "$python" -c 'import sysconfig, sys
+sys.exit(not sysconfig.get_config_var("PY_HAVE_PERF_TRAMPOLINE"))'; then
+        say "perf support is not built into this interpreter yet"
+        return
+    fi
+    say "perf record -F 9999 -g build/python -X perf seed.py"
+    run demo perf record -F 9999 -g -o "$demo/perf.data" \
+        "$python" -X perf "$demo/seed.py"
+    say "perf report --stdio -n -g (the py:: chain of the hottest stack):"
+    perf report --stdio -n -g caller --no-children -i "$demo/perf.data" \
+        >"$demo/report.txt" 2>"$LOGS/demo-report.log"
+    "$python" "$ROOT/driver/report_excerpt.py" "$demo/report.txt"
+}
+
+main() {
+    local cmd=${1:-}
+    STEP=${cmd:-driver}
+    case $cmd in
+        deps | fetch | prepare | build | stock | dist | install | demo)
+            "cmd_$cmd" ;;
+        *) die "usage: $0 deps|fetch|prepare|build|stock|dist|install|demo" ;;
+    esac
+}
+
+main "$@"

@@ -1,0 +1,36 @@
+"""Print the hottest entry of `perf report --stdio -g` whose call chain
+holds the demo's Python frames (py::baz -> py::bar -> py::foo)."""
+
+import re
+import sys
+
+WANTED = ("py::baz:", "py::bar:", "py::foo:")
+
+
+def entries(lines):
+    """Yield each top-level report entry as a list of lines."""
+    entry = []
+    for line in lines:
+        if re.match(r"\s+\d+\.\d+%", line) and entry:
+            yield entry
+            entry = []
+        if entry or re.match(r"\s+\d+\.\d+%", line):
+            entry.append(line.rstrip("\n"))
+    if entry:
+        yield entry
+
+
+def main(path):
+    with open(path, encoding="utf-8", errors="replace") as report:
+        for entry in entries(report):
+            text = "\n".join(entry)
+            if all(name in text for name in WANTED):
+                print("\n".join(line for line in entry if line.strip()))
+                return 0
+    print("no entry shows the py::baz -> py::bar -> py::foo chain",
+          file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -58,6 +58,7 @@ extern const char _Py_trampoline_func_end[];
 #define ARENA_MAX_SIZE (4 * 1024 * 1024)
 
 typedef struct {
+    pid_t owner;        /* the process that mapped the current arena */
     char *next;         /* next free trampoline */
     char *end;          /* end of the current arena */
     size_t last_size;   /* size of the current arena */
@@ -108,6 +109,7 @@ new_arena(void)
     /* Needed on architectures whose instruction cache does not snoop data
        writes (aarch64); a no-op on x86_64. */
     __builtin___clear_cache(mem, mem + size);
+    arenas.owner = getpid();
     arenas.next = mem;
     arenas.end = mem + count * stride;
     arenas.last_size = size;
@@ -115,11 +117,19 @@ new_arena(void)
     return 0;
 }
 
-/* Hand out the next trampoline.  Returns NULL with errno set on failure. */
+/* Hand out the next trampoline.  Returns NULL with errno set on failure.
+
+   After fork() the child starts a new arena: perf names addresses in a
+   mapping after the process that mapped it, so samples in an arena the
+   parent mapped are looked up in the parent's map, which never learns of
+   the child's trampolines.  Those of the child must live in its own
+   mapping. */
 static py_trampoline
 allocate_trampoline(void)
 {
-    if (arenas.next == NULL || arenas.next == arenas.end) {
+    if (arenas.next == NULL || arenas.next == arenas.end
+        || arenas.owner != getpid())
+    {
         if (new_arena() < 0) {
             return NULL;
         }

@@ -1,0 +1,621 @@
+"""Tests for Linux perf support: -X perf, PYTHONPERFSUPPORT and
+sys.activate_stack_trampoline().
+
+The tests that profile drive the real perf (perf record -g, perf script).
+Where perf cannot record they skip with the reason; with CI=true in the
+environment such a skip is a failure instead, because CI can record."""
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import textwrap
+import unittest
+
+from test.support import os_helper, script_helper
+
+if not sysconfig.get_config_var("PY_HAVE_PERF_TRAMPOLINE"):
+    raise unittest.SkipTest("perf trampoline support is not built")
+
+MAP_LINE = re.compile(r"[0-9a-f]+ [0-9a-f]+ (\S.*)")
+
+
+def map_path(pid):
+    return f"/tmp/perf-{pid}.map"
+
+
+def read_map(pid):
+    """The map of process pid as a list of symbol names; every line must
+    be a complete, well-formed entry."""
+    with open(map_path(pid), "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        raise AssertionError(f"map of {pid} ends in a partial line")
+    names = []
+    for raw in data.splitlines():
+        line = raw.decode("utf-8")  # must be valid UTF-8
+        match = MAP_LINE.fullmatch(line)
+        if match is None:
+            raise AssertionError(f"malformed map line {line!r}")
+        names.append(match.group(1))
+    return names
+
+
+def remove_map(pid):
+    os_helper.unlink(map_path(pid))
+
+
+def run_python(*args, env=None, script=None):
+    """Run the interpreter; return (returncode, stdout, stderr) as text."""
+    cmd = [sys.executable, *args]
+    if script is not None:
+        cmd += ["-c", textwrap.dedent(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env=env if env is not None else clean_env())
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PYTHON")}
+    env.update(extra)
+    return env
+
+
+def perf_unavailable_reason():
+    perf = shutil.which("perf")
+    if perf is None:
+        return "perf is not installed"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "probe.data")
+        proc = subprocess.run(
+            [perf, "record", "-g", "-o", out, "--", sys.executable, "-c",
+             "pass"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            return "perf record fails here: " + proc.stderr.strip()[-300:]
+    return None
+
+
+_perf_reason = None
+_perf_checked = False
+
+
+def require_perf(test):
+    """Skip test when perf cannot record, or fail it under CI=true."""
+    global _perf_reason, _perf_checked
+    if not _perf_checked:
+        _perf_reason = perf_unavailable_reason()
+        _perf_checked = True
+    if _perf_reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        test.fail(f"CI=true but perf cannot record: {_perf_reason}")
+    test.skipTest(_perf_reason)
+
+
+def perf_stacks(script, *py_args, env=None, frequency=999):
+    """Profile script under `perf record -g`; return the sampled stacks as
+    lists of symbol names, innermost first, and the script's stdout."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script_file = os.path.join(tmp, "script.py")
+        with open(script_file, "w") as f:
+            f.write(textwrap.dedent(script))
+        data = os.path.join(tmp, "perf.data")
+        rec = subprocess.run(
+            ["perf", "record", "-F", str(frequency), "-g", "-o", data, "--",
+             sys.executable, *py_args, script_file],
+            capture_output=True, text=True,
+            env=env if env is not None else clean_env())
+        if rec.returncode != 0:
+            raise AssertionError(f"perf record failed: {rec.stderr}")
+        rep = subprocess.run(
+            ["perf", "script", "-F", "comm,pid,ip,sym", "-i", data],
+            capture_output=True, text=True, errors="replace")
+        if rep.returncode != 0:
+            raise AssertionError(f"perf script failed: {rep.stderr}")
+    return parse_perf_script(rep.stdout), rec.stdout
+
+
+def parse_perf_script(text):
+    stacks = []
+    for block in text.split("\n\n"):
+        lines = [l.strip() for l in block.strip().splitlines()]
+        if len(lines) < 2:
+            continue
+        frames = []
+        for line in lines[1:]:
+            parts = line.split(None, 1)
+            frames.append(parts[1] if len(parts) == 2 else "[unknown]")
+        stacks.append(frames)
+    return stacks
+
+
+def py_frames(stack):
+    """The py:: frames of a stack, innermost first, without the filename."""
+    return [f.split(":", 3)[2] for f in stack if f.startswith("py::")]
+
+
+SEED = """
+def foo(n):
+    result = 0
+    for _ in range(n):
+        result += 1
+    return result
+
+def bar(n):
+    foo(n)
+
+def baz(n):
+    bar(n)
+
+baz(3_000_000)
+"""
+
+
+class PerfChainTests(unittest.TestCase):
+    """perf record -g shows baz -> bar -> foo between the C frames."""
+
+    def setUp(self):
+        require_perf(self)
+
+    def assert_seed_chain(self, stacks):
+        chains = [py_frames(s) for s in stacks]
+        wanted = ["foo", "bar", "baz", "<module>"]
+        hits = [c for c in chains if c[:4] == wanted]
+        self.assertGreater(len(hits), len(stacks) // 4,
+                           f"few samples show {wanted}: {chains[:5]}")
+        # Each trampoline calls the evaluator and is called from C (the
+        # hook).  Frame-pointer unwinding drops the caller of a function
+        # sampled before its prologue ran, so allow a few exceptions.
+        checked = misplaced = 0
+        for stack in stacks:
+            for i, frame in enumerate(stack[1:-1], 1):
+                if frame.startswith("py::"):
+                    checked += 1
+                    if ("_PyEval_EvalFrameDefault" not in stack[i - 1]
+                            or stack[i + 1].startswith("py::")):
+                        misplaced += 1
+        self.assertGreater(checked, 0)
+        self.assertLess(misplaced, checked * 0.05 + 1)
+
+    def test_xoption(self):
+        stacks, _ = perf_stacks(SEED, "-X", "perf")
+        self.assert_seed_chain(stacks)
+
+    def test_environment_variable(self):
+        stacks, _ = perf_stacks(SEED, env=clean_env(PYTHONPERFSUPPORT="1"))
+        self.assert_seed_chain(stacks)
+
+    def test_environment_ignored_under_E(self):
+        stacks, _ = perf_stacks(SEED, "-E",
+                                env=clean_env(PYTHONPERFSUPPORT="1"))
+        self.assertEqual([s for s in stacks if py_frames(s)], [])
+
+    def test_sys_api_only_activated_section(self):
+        script = """
+            import sys
+            def cold(n):
+                return sum(i * i for i in range(n))
+            def hot(n):
+                return sum(i * i for i in range(n))
+            cold(1_000_000)
+            sys.activate_stack_trampoline("perf")
+            hot(1_000_000)
+            sys.deactivate_stack_trampoline()
+            cold(1_000_000)
+        """
+        stacks, _ = perf_stacks(script)
+        names = {name for s in stacks for name in py_frames(s)}
+        self.assertIn("hot", names)
+        self.assertIn("hot.<locals>.<genexpr>", names)
+        self.assertFalse([n for n in names if n.startswith("cold")], names)
+
+    def test_generator_resumes_and_threads(self):
+        script = """
+            import threading
+            def numbers(n):
+                for i in range(n):
+                    yield i * 2
+            def consume(n):
+                total = 0
+                for x in numbers(n):
+                    total += x
+                return total
+            def worker():
+                consume(1_500_000)
+            t = threading.Thread(target=worker)
+            t.start()
+            consume(1_500_000)
+            t.join()
+        """
+        stacks, _ = perf_stacks(script, "-X", "perf")
+        chains = [py_frames(s) for s in stacks]
+        in_gen = [c for c in chains if c[:2] == ["numbers", "consume"]]
+        self.assertTrue(in_gen, chains[:10])
+        threaded = [c for c in chains if c[:3] == ["numbers", "consume",
+                                                    "worker"]]
+        self.assertTrue(threaded, chains[:10])
+        self.assertIn("Thread.run", threaded[0])
+
+    def test_fork_child_resolves_inherited_frames(self):
+        script = """
+            import os
+            def child_work(n):
+                total = 0
+                for i in range(n):
+                    total += i
+                return total
+            def parent_frame():
+                pid = os.fork()
+                if pid == 0:
+                    child_work(3_000_000)
+                    os._exit(0)
+                os.waitpid(pid, 0)
+                print(pid)
+            parent_frame()
+        """
+        stacks, out = perf_stacks(script, "-X", "perf")
+        child = int(out.split()[-1])
+        chains = [py_frames(s) for s in stacks]
+        self.assertIn(["child_work", "parent_frame", "<module>"],
+                      [c[:3] for c in chains])
+        child_map = read_map(child)
+        self.assertTrue(any(n.startswith("py::parent_frame:")
+                            for n in child_map))
+        remove_map(child)
+
+
+class PerfMapTests(unittest.TestCase):
+    """The map file and the sys API, without perf."""
+
+    def run_checked(self, script, *args, env=None):
+        code, out, err = run_python(*args, script=script, env=env)
+        self.assertEqual(code, 0, err)
+        return out, err
+
+    def test_kinds_of_code(self):
+        script = """
+            import asyncio, os, sys
+            def gen():
+                yield 1
+            async def coro():
+                return 2
+            class Klass:
+                def method(self):
+                    return [x for x in range(3)]
+            f = lambda: 3
+            list(gen()); asyncio.run(coro()); Klass().method(); f()
+            exec(compile("def made(): pass\\nmade()", "<made>", "exec"))
+            eval("len('x')")
+            print(os.getpid())
+        """
+        out, _ = self.run_checked(script, "-X", "perf")
+        pid = int(out)
+        names = read_map(pid)
+        remove_map(pid)
+        for expected in ("py::gen:", "py::coro:", "py::Klass:",
+                         "py::Klass.method:", "py::Klass.method.<locals>."
+                         "<listcomp>:", "py::<lambda>:", "py::made:<made>",
+                         "py::<module>:<made>", "py::<module>:<string>"):
+            self.assertTrue(any(n.startswith(expected) for n in names),
+                            expected)
+        # One entry per code object, however often it ran.
+        self.assertEqual(sum(n.startswith("py::gen:") for n in names), 1)
+
+    def test_hostile_names(self):
+        script = r"""
+            import os, sys
+            sys.activate_stack_trampoline("perf")
+            def f():
+                pass
+            for name in ("new\nline", "car\rriage", "tab\tnul\x00x",
+                         "del\x7fc1\x85", "lone\ud800surrogate",
+                         "esc\udcffbyte", "long" + "x" * 1_000_000):
+                f.__code__ = f.__code__.replace(co_qualname=name)
+                f()
+            code = compile("pass", "file\nname\udcfe.py", "exec")
+            exec(code)
+            print(os.getpid())
+        """
+        out, _ = self.run_checked(script)
+        pid = int(out)
+        names = read_map(pid)  # every line well-formed, valid UTF-8
+        remove_map(pid)
+        text = "\n".join(names)
+        for escaped in (r"py::new\x0aline:", r"py::car\x0driage:",
+                        r"tab\x09nul\x00x", r"del\x7fc1\x85",
+                        "lone\ufffdsurrogate", r"esc\xffbyte",
+                        r"py::<module>:file\x0aname\xfe.py"):
+            self.assertIn(escaped, text)
+        longest = max(names, key=len)
+        self.assertTrue(longest.startswith("py::longxxx"))
+        self.assertLess(len(longest.encode()), 5000)
+        self.assertTrue(longest.endswith("..."))
+
+    def test_errors_match_3_12(self):
+        script = """
+            import sys
+            for bad, exc in ((1, TypeError), (None, TypeError),
+                             ("perf_jitx", ValueError), ("", ValueError)):
+                try:
+                    sys.activate_stack_trampoline(bad)
+                except exc:
+                    pass
+                else:
+                    raise AssertionError(bad)
+            try:
+                sys.activate_stack_trampoline()
+            except TypeError:
+                pass
+            else:
+                raise AssertionError("no argument accepted")
+            sys.deactivate_stack_trampoline()  # inactive: no effect
+            assert not sys.is_stack_trampoline_active()
+            assert sys.activate_stack_trampoline.__text_signature__
+            print("ok")
+        """
+        out, _ = self.run_checked(script)
+        self.assertEqual(out.strip(), "ok")
+
+    def test_precedence_and_environment(self):
+        probe = "import sys; print(sys.is_stack_trampoline_active())"
+        cases = [
+            ((), {}, "False"),
+            (("-X", "perf"), {}, "True"),
+            ((), {"PYTHONPERFSUPPORT": "1"}, "True"),
+            ((), {"PYTHONPERFSUPPORT": "7"}, "True"),
+            ((), {"PYTHONPERFSUPPORT": "0"}, "False"),
+            ((), {"PYTHONPERFSUPPORT": ""}, "False"),
+            (("-E",), {"PYTHONPERFSUPPORT": "1"}, "False"),
+            (("-I",), {"PYTHONPERFSUPPORT": "1"}, "False"),
+            (("-X", "perf"), {"PYTHONPERFSUPPORT": "0"}, "True"),
+            (("-X", "perf_jit_not_a_backend"), {}, "False"),
+        ]
+        for args, env, expected in cases:
+            with self.subTest(args=args, env=env):
+                code, out, err = run_python(*args, "-c", probe,
+                                            env=clean_env(**env))
+                self.assertEqual((code, out.strip(), err), (0, expected, ""))
+        code, out, err = run_python(
+            "-c", probe, env=clean_env(PYTHONPERFSUPPORT="yes"))
+        self.assertEqual((code, out.strip()), (0, "False"))
+        self.assertIn("PYTHONPERFSUPPORT", err)
+        script = """
+            import sys
+            sys.deactivate_stack_trampoline()
+            print(sys.is_stack_trampoline_active())
+        """
+        out, _ = self.run_checked(script, "-X", "perf")
+        self.assertEqual(out.strip(), "False")
+
+    def test_deactivate_deep_in_stack_and_reuse(self):
+        script = """
+            import os, sys
+            def down(n):
+                if n == 0:
+                    sys.deactivate_stack_trampoline()
+                    return 0
+                return down(n - 1) + 1
+            def count(name):
+                with open(f"/tmp/perf-{os.getpid()}.map") as f:
+                    return sum(f":{name}:" in line or
+                               line.split()[2].startswith(f"py::{name}:")
+                               for line in f)
+            sys.activate_stack_trampoline("perf")
+            assert down(200) == 200
+            assert not sys.is_stack_trampoline_active()
+            assert down(10) == 10
+            sys.activate_stack_trampoline("perf")
+            assert down(5) == 5
+            assert count("down") == 1, count("down")
+            for _ in range(1000):   # never exhausts the co_extra index
+                sys.deactivate_stack_trampoline()
+                sys.activate_stack_trampoline("perf")
+            def fresh():
+                return 1
+            assert fresh() == 1 and count("fresh") == 1
+            print(os.getpid())
+        """
+        out, _ = self.run_checked(script)
+        remove_map(int(out))
+
+    def test_write_xor_execute(self):
+        script = """
+            import os, sys
+            sys.activate_stack_trampoline("perf")
+            src = "\\n".join(f"def f{i}(): return {i}" for i in range(20000))
+            ns = {}
+            exec(src, ns)
+            for i in range(20000):
+                ns[f"f{i}"]()
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    perms = line.split()[1]
+                    assert not ("w" in perms and "x" in perms), line
+            print(os.getpid())
+        """
+        out, _ = self.run_checked(script)
+        names = read_map(int(out))
+        remove_map(int(out))
+        self.assertEqual(sum(n.startswith("py::f") for n in names), 20000)
+
+    def test_stale_map_replaced(self):
+        script = """
+            import os, sys
+            path = f"/tmp/perf-{os.getpid()}.map"
+            with open(path, "w") as f:
+                f.write("deadbeef 10 py::stale:old\\n")
+            os.chmod(path, 0o644)
+            sys.activate_stack_trampoline("perf")
+            def g(): pass
+            g()
+            st = os.stat(path)
+            assert oct(st.st_mode & 0o777) == "0o600", oct(st.st_mode)
+            print(os.getpid())
+        """
+        out, _ = self.run_checked(script)
+        names = read_map(int(out))
+        remove_map(int(out))
+        self.assertNotIn("py::stale:old", names)
+        self.assertTrue(any(n.startswith("py::g:") for n in names))
+
+    def refused(self, setup, reason):
+        """setup plants something at our map path; activation must raise
+        and leave it untouched."""
+        script = f"""
+            import os, sys
+            path = f"/tmp/perf-{{os.getpid()}}.map"
+            {setup}
+            try:
+                sys.activate_stack_trampoline("perf")
+            except OSError as exc:
+                print(exc)
+            else:
+                raise AssertionError("activated")
+            assert not sys.is_stack_trampoline_active()
+            def h(): return 1
+            assert h() == 1
+            print(os.getpid())
+        """
+        out, _ = self.run_checked(script)
+        message, pid = out.strip().splitlines()
+        self.assertIn(reason, message)
+        return int(pid)
+
+    def test_symlink_refused(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            target = os.path.join(tmp, "target")
+            with open(target, "w") as f:
+                f.write("precious\n")
+            pid = self.refused(f"os.symlink({target!r}, path)",
+                               "symbolic link")
+            with open(target) as f:
+                self.assertEqual(f.read(), "precious\n")
+            os.unlink(map_path(pid))
+
+    def test_fifo_and_directory_refused(self):
+        pid = self.refused("os.mkfifo(path)", "not a regular file")
+        os.unlink(map_path(pid))
+        pid = self.refused("os.mkdir(path)", "Is a directory")
+        os.rmdir(map_path(pid))
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root to chown")
+    def test_other_owner_refused(self):
+        pid = self.refused("open(path, 'w').close(); os.chown(path, 65534, "
+                           "65534)", "owned by another user")
+        os.unlink(map_path(pid))
+
+    def test_startup_failure_warns_and_runs(self):
+        # Plant a symlink at the pid the interpreter will have (exec keeps
+        # the pid), then start it with -X perf.
+        script = """
+            import os, sys
+            os.symlink("/nonexistent", f"/tmp/perf-{os.getpid()}.map")
+            os.execv(sys.executable, [sys.executable, "-X", "perf", "-c",
+                     "import sys; print('ran', sys.is_stack_trampoline_active())"])
+        """
+        code, out, err = run_python(script=script)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.strip(), "ran False")
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("perf support disabled", err)
+        self.assertIn("symbolic link", err)
+        for name in os.listdir("/tmp"):
+            path = os.path.join("/tmp", name)
+            if name.startswith("perf-") and os.path.islink(path) and \
+                    os.readlink(path) == "/nonexistent":
+                os.unlink(path)
+
+    def test_map_is_private_and_cloexec(self):
+        script = """
+            import os, stat, sys
+            sys.activate_stack_trampoline("perf")
+            path = f"/tmp/perf-{os.getpid()}.map"
+            st = os.stat(path)
+            assert stat.S_IMODE(st.st_mode) == 0o600
+            fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+            for fd in fds:
+                try:
+                    if os.readlink(f"/proc/self/fd/{fd}") == path:
+                        assert not os.get_inheritable(fd)
+                        break
+                except OSError:
+                    pass
+            else:
+                raise AssertionError("map not open")
+            print(os.getpid())
+        """
+        out, _ = self.run_checked(script)
+        remove_map(int(out))
+
+    def test_fork_maps(self):
+        script = """
+            import os, sys
+            sys.activate_stack_trampoline("perf")
+            def before_fork(): return 1
+            before_fork()
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                def only_in_child(): return 2
+                only_in_child()
+                os._exit(0)
+            os.waitpid(pid, 0)
+            print(os.getpid(), pid)
+        """
+        out, _ = self.run_checked(script)
+        parent, child = map(int, out.split())
+        parent_names = read_map(parent)
+        child_names = read_map(child)
+        remove_map(parent)
+        remove_map(child)
+        self.assertTrue(any(n.startswith("py::before_fork:")
+                            for n in child_names))
+        self.assertTrue(any(n.startswith("py::only_in_child:")
+                            for n in child_names))
+        self.assertFalse(any(n.startswith("py::only_in_child:")
+                             for n in parent_names))
+
+    def test_subinterpreter(self):
+        script = """
+            import _testcapi, os, sys
+            code = '''if 1:
+                import sys
+                sys.activate_stack_trampoline("perf")
+                def in_sub(): return 1
+                assert in_sub() == 1
+                assert sys.is_stack_trampoline_active()
+                sys.deactivate_stack_trampoline()
+            '''
+            sys.activate_stack_trampoline("perf")
+            assert _testcapi.run_in_subinterp(code) == 0
+            assert sys.is_stack_trampoline_active()
+            print(os.getpid())
+        """
+        out, _ = self.run_checked(script)
+        names = read_map(int(out))
+        remove_map(int(out))
+        self.assertTrue(any(n.startswith("py::in_sub:") for n in names))
+
+    def test_custom_eval_frame_refused(self):
+        script = """
+            import _testinternalcapi, sys
+            seen = []
+            _testinternalcapi.set_eval_frame_record(seen)
+            try:
+                sys.activate_stack_trampoline("perf")
+            except RuntimeError as exc:
+                print("refused")
+            finally:
+                _testinternalcapi.set_eval_frame_default()
+        """
+        out, _ = self.run_checked(script)
+        self.assertEqual(out.strip(), "refused")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,95 @@
+"""The test command behind `make test`; run with build/python.
+
+Runs, and counts test cases of:
+  1. the driver's own tests (tests/test_*.py: patches, dist, ABI, builds);
+  2. Lib/test/test_perf_profiler.py and the CPython regression tests the
+     patch touches, once as they are and once with PYTHONPERFSUPPORT=1.
+Ends with the line "N passed, N failed, N skipped"; exits non-zero when
+anything failed."""
+
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+import xml.etree.ElementTree as ET
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+CPYTHON_TESTS = [
+    "test_perf_profiler", "test_sys", "test_cmd_line", "test_embed",
+    "test_capi", "test_os", "test_threading", "test_generators",
+    "test_coroutines", "test_sys_settrace", "test_sysconfig",
+]
+
+
+class Tally:
+    def __init__(self):
+        self.passed = self.failed = self.skipped = 0
+
+    def add(self, name, passed, failed, skipped):
+        self.passed += passed
+        self.failed += failed
+        self.skipped += skipped
+        print(f"== {name}: {passed} passed, {failed} failed, "
+              f"{skipped} skipped", flush=True)
+
+
+def run_driver_tests(tally):
+    sys.path.insert(0, TESTS)
+    suite = unittest.defaultTestLoader.discover(TESTS, pattern="test_*.py")
+    result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(
+        suite)
+    failed = len(result.failures) + len(result.errors) + \
+        len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    tally.add("driver tests", result.testsRun - failed - skipped, failed,
+              skipped)
+
+
+def count_junit(path):
+    passed = failed = skipped = 0
+    for case in ET.parse(path).iter("testcase"):
+        if case.find("failure") is not None or \
+                case.find("error") is not None:
+            failed += 1
+        elif case.find("skipped") is not None:
+            skipped += 1
+        else:
+            passed += 1
+    return passed, failed, skipped
+
+
+def run_cpython_tests(tally, label, extra_env):
+    # The caller's PYTHON* variables (PYTHONUNBUFFERED, ...) change what
+    # CPython's own tests expect; run them in a clean environment.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(extra_env)
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = os.path.join(tmp, "junit.xml")
+        cmd = [sys.executable, "-m", "test", "-j2", "--junit-xml", junit,
+               *CPYTHON_TESTS]
+        print(f"== {label}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, env=env)
+        if os.path.exists(junit):
+            passed, failed, skipped = count_junit(junit)
+        else:
+            passed = failed = skipped = 0
+    if proc.returncode != 0 and failed == 0:
+        failed = 1  # the run itself failed (crash, timeout, env change)
+    tally.add(label, passed, failed, skipped)
+
+
+def main():
+    tally = Tally()
+    run_driver_tests(tally)
+    run_cpython_tests(tally, "CPython tests", {})
+    run_cpython_tests(tally, "CPython tests with PYTHONPERFSUPPORT=1",
+                      {"PYTHONPERFSUPPORT": "1"})
+    print(f"{tally.passed} passed, {tally.failed} failed, "
+          f"{tally.skipped} skipped")
+    return 1 if tally.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

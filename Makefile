@@ -22,7 +22,7 @@ stock:
 	@$(DRIVER) stock
 
 test: build stock
-	@build/python tests/run_all.py
+	@build/obj/python tests/run_all.py
 
 dist:
 	@$(DRIVER) dist

@@ -7,6 +7,7 @@ Runs, and counts test cases of:
 Ends with the line "N passed, N failed, N skipped"; exits non-zero when
 anything failed."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -80,12 +81,25 @@ def run_cpython_tests(tally, label, extra_env):
     tally.add(label, passed, failed, skipped)
 
 
+def perf_maps():
+    return set(glob.glob("/tmp/perf-*.map"))
+
+
 def main():
     tally = Tally()
-    run_driver_tests(tally)
-    run_cpython_tests(tally, "CPython tests", {})
-    run_cpython_tests(tally, "CPython tests with PYTHONPERFSUPPORT=1",
-                      {"PYTHONPERFSUPPORT": "1"})
+    maps_before = perf_maps()
+    try:
+        run_driver_tests(tally)
+        run_cpython_tests(tally, "CPython tests", {})
+        run_cpython_tests(tally, "CPython tests with PYTHONPERFSUPPORT=1",
+                          {"PYTHONPERFSUPPORT": "1"})
+    finally:
+        # Every process started with PYTHONPERFSUPPORT=1 left its map.
+        for path in perf_maps() - maps_before:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
     print(f"{tally.passed} passed, {tally.failed} failed, "
           f"{tally.skipped} skipped")
     return 1 if tally.failed else 0

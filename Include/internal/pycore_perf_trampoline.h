@@ -12,9 +12,9 @@ extern "C" {
    per-code-object trampoline whose address is named in /tmp/perf-<pid>.map.
    See Python/perf_trampoline.c. */
 
-/* Called once the main interpreter can run Python code: honours -X perf
-   and PYTHONPERFSUPPORT.  Failures print one warning; they never stop
-   the interpreter from starting. */
+/* Called when an interpreter (main or sub) is about to run Python code:
+   honours -X perf and PYTHONPERFSUPPORT.  Failures print one warning; they
+   never stop the interpreter from starting. */
 extern void _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate);
 
 /* Called by Py_FinalizeEx(): stop using trampolines, close the map file. */

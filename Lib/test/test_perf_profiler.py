@@ -601,6 +601,23 @@ class PerfMapTests(unittest.TestCase):
         remove_map(int(out))
         self.assertTrue(any(n.startswith("py::in_sub:") for n in names))
 
+    def test_xoption_applies_to_subinterpreters(self):
+        script = """
+            import _testcapi, os
+            code = '''if 1:
+                import sys
+                assert sys.is_stack_trampoline_active()
+                def in_sub_x(): return 1
+                in_sub_x()
+            '''
+            assert _testcapi.run_in_subinterp(code) == 0
+            print(os.getpid())
+        """
+        out, _ = self.run_checked(script, "-X", "perf")
+        names = read_map(int(out))
+        remove_map(int(out))
+        self.assertTrue(any(n.startswith("py::in_sub_x:") for n in names))
+
     def test_custom_eval_frame_refused(self):
         script = """
             import _testinternalcapi, sys

@@ -190,7 +190,7 @@ unpack() {
     if [ -d "$src" ]; then
         cp -a "$src/." "$dest/"
     else
-        tar -xzf "$src" -C "$dest" --strip-components=1
+        tar -xf "$src" -C "$dest" --strip-components=1
     fi
 }
 

@@ -3,12 +3,14 @@
 #
 #   make demo     fetch, patch, build, then profile the seed example
 #   make test     the test suite (what CI runs)
+#   make bench    perf mode's cost: -X perf vs off, and off vs stock
 
 DRIVER := bash driver/cperf.sh
 PREFIX ?= /usr/local
+ROUNDS ?= 7
 export CPYTHON_SRC FRAME_POINTERS PREFIX
 
-.PHONY: all build demo test stock dist install clean distclean deps fetch prepare
+.PHONY: all build demo test bench stock dist install clean distclean deps fetch prepare
 
 all: build
 
@@ -23,6 +25,11 @@ stock:
 
 test: build stock
 	@build/obj/python tests/run_all.py
+
+bench: build stock
+	@build/obj/python Tools/perf/bench/bench.py --python build/python \
+		--stock build/stock/python --rounds $(ROUNDS) \
+		--json build/bench/results.json
 
 dist:
 	@$(DRIVER) dist

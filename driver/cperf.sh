@@ -22,7 +22,7 @@ FP_CFLAGS="-fno-omit-frame-pointer -mno-omit-leaf-frame-pointer"
 JOBS=$(nproc)
 
 REQUIRED_PACKAGES="autoconf autoconf-archive pkg-config build-essential
-    libffi-dev zlib1g-dev libssl-dev linux-perf rsync"
+    libffi-dev zlib1g-dev libssl-dev linux-perf rsync valgrind"
 OPTIONAL_PACKAGES="libbz2-dev liblzma-dev libsqlite3-dev libreadline-dev
     libgdbm-dev libgdbm-compat-dev uuid-dev libncurses-dev"
 

@@ -1,0 +1,119 @@
+"""Perf mode's cost: `-X perf` against off on one build, side by side.
+
+For each workload, runs alternate off / on (one fresh process each, the
+workload timing itself), and the table shows the median wall times and
+their ratio.  Callgrind then counts the instructions of the patched build
+with perf support off against the stock build (the cost of merely carrying
+the patch).  Writes the numbers as JSON as well.
+
+Usage: python bench.py --python build/python [--stock build/stock/python]
+                       [--rounds 7] [--json FILE] [WORKLOAD ...]"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUN_ONE = os.path.join(HERE, "run_one.py")
+WORKLOADS = ["calls", "methods", "generators", "loops", "codeobjects",
+             "imports"]
+CALLGRIND_WORKLOADS = ["calls", "methods"]
+PERF_ARGS = ["-X", "perf"]
+
+
+def clean_env():
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+
+
+def time_once(python, args, workload):
+    proc = subprocess.Popen([python, *args, RUN_ONE, workload],
+                            stdout=subprocess.PIPE, text=True, env=clean_env())
+    out, _ = proc.communicate()
+    # A -X perf run leaves its map behind, as it should; keep /tmp tidy.
+    try:
+        os.unlink(f"/tmp/perf-{proc.pid}.map")
+    except FileNotFoundError:
+        pass
+    if proc.returncode != 0:
+        raise RuntimeError(f"{workload} failed under {python} {args}")
+    return float(out.split()[-1])
+
+
+def measure_ratios(python, workloads, rounds):
+    results = {}
+    for workload in workloads:
+        time_once(python, [], workload)  # warm caches (.pyc files, disk)
+        off, on = [], []
+        for _ in range(rounds):
+            off.append(time_once(python, [], workload))
+            on.append(time_once(python, PERF_ARGS, workload))
+        results[workload] = {
+            "off_s": statistics.median(off),
+            "on_s": statistics.median(on),
+            "ratio": statistics.median(on) / statistics.median(off),
+            "off_runs": off,
+            "on_runs": on,
+        }
+        r = results[workload]
+        print(f"  {workload:12} off {r['off_s']:8.4f}s  on {r['on_s']:8.4f}s"
+              f"  ratio {r['ratio']:.3f}", flush=True)
+    return results
+
+
+def instructions(python, workload):
+    proc = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+         python, RUN_ONE, workload],
+        capture_output=True, text=True, env=clean_env())
+    match = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode != 0 or match is None:
+        raise RuntimeError(f"callgrind failed on {workload}:\n{proc.stderr}")
+    return int(match.group(1))
+
+
+def measure_instructions(python, stock, workloads):
+    results = {}
+    for workload in workloads:
+        patched = instructions(python, workload)
+        base = instructions(stock, workload)
+        results[workload] = {"patched_off": patched, "stock": base,
+                             "ratio": patched / base}
+        print(f"  {workload:12} stock {base:>14,}  patched(off) "
+              f"{patched:>14,}  {100 * (patched / base - 1):+.3f}%",
+              flush=True)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--python", required=True)
+    parser.add_argument("--stock")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json")
+    parser.add_argument("workloads", nargs="*", default=WORKLOADS)
+    args = parser.parse_args()
+
+    report = {"python": args.python, "rounds": args.rounds}
+    print(f"-X perf vs off, {args.python}, median of {args.rounds} "
+          "alternating runs:")
+    report["ratios"] = measure_ratios(args.python, args.workloads,
+                                      args.rounds)
+    if args.stock:
+        print("instructions (callgrind), perf support off vs stock:")
+        report["instructions"] = measure_instructions(
+            args.python, args.stock,
+            [w for w in CALLGRIND_WORKLOADS if w in args.workloads])
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)),
+                    exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -472,43 +472,64 @@ release_code_extra(void *Py_UNUSED(trampoline))
 {
 }
 
-/* Our co_extra index in the interpreter that last used it.  The index is
-   per interpreter; release_code_extra in the interpreter's table of free
-   functions marks ours, so it is requested only once per interpreter
-   however often perf mode is toggled. */
-static Py_ssize_t code_extra_index = -1;
-
+/* The index is per interpreter; release_code_extra in an interpreter's
+   table of free functions marks ours, so the index is requested once per
+   interpreter however often perf mode is toggled. */
 static Py_ssize_t
 find_code_extra_index(PyInterpreterState *interp)
 {
-    Py_ssize_t index = code_extra_index;
-    if (index >= 0 && index < interp->co_extra_user_count
-        && interp->co_extra_freefuncs[index] == release_code_extra)
-    {
-        return index;
-    }
-    for (index = 0; index < interp->co_extra_user_count; index++) {
+    for (Py_ssize_t index = 0; index < interp->co_extra_user_count; index++) {
         if (interp->co_extra_freefuncs[index] == release_code_extra) {
-            code_extra_index = index;
             return index;
         }
     }
     return -1;
 }
 
-static int
-request_code_extra_index(PyInterpreterState *interp)
+/* The hook's fast path reads co_extra directly, in the layout that
+   Objects/codeobject.c keeps private; every trampoline stored through
+   _PyCode_SetExtra() is read back this way too, and the first mismatch
+   turns the fast path off for good. */
+typedef struct {
+    Py_ssize_t ce_size;
+    void *ce_extras[1];
+} code_extra_block;
+
+static struct {
+    PyInterpreterState *interp;  /* NULL: fast path off */
+    Py_ssize_t index;            /* our co_extra index in interp */
+    int layout_broken;
+} fast;
+
+static inline py_trampoline
+read_trampoline(PyCodeObject *co, Py_ssize_t index)
 {
-    if (find_code_extra_index(interp) >= 0) {
-        return 0;
+    code_extra_block *extra = (code_extra_block *)co->co_extra;
+    if (extra == NULL || index >= extra->ce_size) {
+        return NULL;
     }
-    Py_ssize_t index = _PyEval_RequestCodeExtraIndex(release_code_extra);
+    return (py_trampoline)extra->ce_extras[index];
+}
+
+/* Called by activate(), which always comes before the hook runs in an
+   interpreter, so fast.interp never pairs an interpreter with another's
+   index, even when a new interpreter reuses a freed one's address. */
+static int
+use_code_extra_index(PyInterpreterState *interp)
+{
+    Py_ssize_t index = find_code_extra_index(interp);
     if (index < 0) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "no free code object extra slot for perf support");
-        return -1;
+        index = _PyEval_RequestCodeExtraIndex(release_code_extra);
+        if (index < 0) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "no free code object extra slot for perf support");
+            return -1;
+        }
     }
-    code_extra_index = index;
+    if (!fast.layout_broken) {
+        fast.interp = interp;
+        fast.index = index;
+    }
     return 0;
 }
 
@@ -528,6 +549,10 @@ compile_trampoline(PyCodeObject *co, Py_ssize_t index)
     }
     if (_PyCode_SetExtra((PyObject *)co, index, (void *)code) < 0) {
         return NULL;
+    }
+    if (read_trampoline(co, index) != code) {
+        fast.layout_broken = 1;
+        fast.interp = NULL;
     }
     return code;
 }
@@ -557,33 +582,64 @@ disable_after_failure(PyThreadState *tstate)
     }
 }
 
+/* The hook's slow path: another interpreter than the fast path's, or a
+   code object without a trampoline yet.  Returns NULL when the frame must
+   run without a trampoline. */
+static Py_NO_INLINE py_trampoline
+find_or_make_trampoline(PyThreadState *tstate, PyCodeObject *co)
+{
+    Py_ssize_t index = find_code_extra_index(tstate->interp);
+    if (index < 0) {
+        return NULL;
+    }
+    if (!fast.layout_broken) {
+        /* This interpreter runs now: make it the fast path's. */
+        fast.interp = tstate->interp;
+        fast.index = index;
+    }
+    void *extra = NULL;
+    (void)_PyCode_GetExtra((PyObject *)co, index, &extra);
+    if (extra != NULL) {
+        return (py_trampoline)extra;
+    }
+    /* A thrown-in exception is pending when throwflag is set: keep it out
+       of the way while the trampoline is made. */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    py_trampoline code = compile_trampoline(co, index);
+    if (code == NULL) {
+        disable_after_failure(tstate);
+    }
+    PyErr_Restore(type, value, tb);
+    return code;
+}
+
+/* Evaluate a frame that the fast path could not serve. */
+static Py_NO_INLINE PyObject *
+evaluate_slow(PyThreadState *tstate, _PyInterpreterFrame *frame,
+              int throwflag)
+{
+    py_trampoline code = find_or_make_trampoline(tstate, frame->f_code);
+    if (code == NULL) {
+        return _PyEval_EvalFrameDefault(tstate, frame, throwflag);
+    }
+    return code(tstate, frame, throwflag, _PyEval_EvalFrameDefault);
+}
+
+/* Runs for every Python frame in perf mode.  Both paths end in tail calls,
+   so no frame of the hook stays on the stack under the trampoline, and
+   the common case is a few loads and a jump. */
 static PyObject *
 py_trampoline_evaluator(PyThreadState *tstate, _PyInterpreterFrame *frame,
                         int throwflag)
 {
-    PyCodeObject *co = frame->f_code;
-    Py_ssize_t index = find_code_extra_index(tstate->interp);
-    if (index < 0) {
-        return _PyEval_EvalFrameDefault(tstate, frame, throwflag);
-    }
-    void *extra = NULL;
-    (void)_PyCode_GetExtra((PyObject *)co, index, &extra);
-    py_trampoline code = (py_trampoline)extra;
-    if (code == NULL) {
-        /* A thrown-in exception is pending when throwflag is set: keep it
-           out of the way while the trampoline is made. */
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        code = compile_trampoline(co, index);
-        if (code == NULL) {
-            disable_after_failure(tstate);
-        }
-        PyErr_Restore(type, value, tb);
-        if (code == NULL) {
-            return _PyEval_EvalFrameDefault(tstate, frame, throwflag);
+    if (tstate->interp == fast.interp) {
+        py_trampoline code = read_trampoline(frame->f_code, fast.index);
+        if (code != NULL) {
+            return code(tstate, frame, throwflag, _PyEval_EvalFrameDefault);
         }
     }
-    return code(tstate, frame, throwflag, _PyEval_EvalFrameDefault);
+    return evaluate_slow(tstate, frame, throwflag);
 }
 
 
@@ -619,7 +675,7 @@ activate(PyThreadState *tstate)
                         "frame evaluation function is installed");
         return -1;
     }
-    if (request_code_extra_index(interp) < 0 || perf_map_prepare() < 0) {
+    if (use_code_extra_index(interp) < 0 || perf_map_prepare() < 0) {
         return -1;
     }
     if (arenas.next == NULL && new_arena() < 0) {
@@ -691,6 +747,7 @@ _PyPerfTrampoline_Fini(void)
     if (tstate != NULL) {
         deactivate(tstate->interp);
     }
+    fast.interp = NULL;
     pthread_mutex_lock(&perf_map_lock);
     if (perf_map.fd >= 0) {
         close(perf_map.fd);

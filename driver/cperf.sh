@@ -223,9 +223,8 @@ copy_new_files() {
     done
 }
 
-# A fingerprint of everything that decides the patched tree except our new
-# files (those are synced on every build).
-tree_stamp() {
+# A fingerprint of the upstream source.
+source_stamp() {
     local src=$1
     {
         echo "$src"
@@ -234,6 +233,15 @@ tree_stamp() {
         else
             sha256sum <"$src"
         fi
+    } | sha256sum | cut -d' ' -f1
+}
+
+# A fingerprint of everything that decides the patched tree except the
+# contents of our new files (those are synced on every build).
+tree_stamp() {
+    local src=$1
+    {
+        source_stamp "$src"
         cat "$ROOT/patches/series"
         series | while read -r p; do cat "$ROOT/patches/$p"; done
         (cd "$ROOT" && find $NEW_FILE_DIRS -type f 2>/dev/null | sort)
@@ -312,7 +320,7 @@ cmd_stock() {
     STEP=stock
     mkdir -p "$LOGS" "$BUILD/stock"
     local stamp
-    stamp=$(printf '%s\n' "$src" "$(tree_stamp "$src")" | sha256sum | cut -d' ' -f1)
+    stamp=$(source_stamp "$src")
     if [ ! -f "$BUILD/stock/src/.cperf-stamp" ] ||
             [ "$(cat "$BUILD/stock/src/.cperf-stamp")" != "$stamp" ]; then
         say "unpacking pristine $(basename "$src") into build/stock/src"

@@ -7,7 +7,7 @@
 
 DRIVER := bash driver/cperf.sh
 PREFIX ?= /usr/local
-ROUNDS ?= 7
+ROUNDS ?= 9
 export CPYTHON_SRC FRAME_POINTERS PREFIX
 
 .PHONY: all build demo test bench stock dist install clean distclean deps fetch prepare

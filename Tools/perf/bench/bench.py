@@ -92,7 +92,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", required=True)
     parser.add_argument("--stock")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--json")
     parser.add_argument("workloads", nargs="*", default=WORKLOADS)
     args = parser.parse_args()

@@ -1,3 +1,6 @@
+# A second run would find them in sys.modules.
+REPEAT = 1
+
 PACKAGES = ["json", "decimal", "asyncio", "unittest", "email.mime.text",
             "http.client", "xml.dom.minidom", "logging.handlers",
             "argparse", "csv", "dataclasses", "sqlite3", "urllib.request",

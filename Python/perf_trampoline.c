@@ -614,11 +614,49 @@ find_or_make_trampoline(PyThreadState *tstate, PyCodeObject *co)
     return code;
 }
 
-/* Evaluate a frame that the fast path could not serve. */
+/* The C stack.  In perf mode every Python frame costs a native frame (its
+   trampoline and an evaluator), where stock 3.11 runs Python-to-Python
+   calls inline, so deep recursion that stock survives could overflow the
+   C stack.  The hook raises RecursionError instead when less than
+   STACK_RESERVE bytes are left.  stack_limit starts at UINTPTR_MAX, so a
+   thread's first frame takes the slow path, which finds the real limit. */
+#define STACK_RESERVE (256 * 1024)
+
+static __thread uintptr_t stack_limit = UINTPTR_MAX;
+
+static void
+find_stack_limit(void)
+{
+    pthread_attr_t attr;
+    void *base;
+    size_t size;
+    stack_limit = 0;  /* unknown: no guard */
+    if (pthread_getattr_np(pthread_self(), &attr) != 0) {
+        return;
+    }
+    if (pthread_attr_getstack(&attr, &base, &size) == 0) {
+        size_t reserve = size / 4 < STACK_RESERVE ? size / 4 : STACK_RESERVE;
+        stack_limit = (uintptr_t)base + reserve;
+    }
+    pthread_attr_destroy(&attr);
+}
+
+/* Evaluate a frame that the fast path could not serve.  The hook may
+   return NULL without evaluating the frame: its caller clears it. */
 static Py_NO_INLINE PyObject *
 evaluate_slow(PyThreadState *tstate, _PyInterpreterFrame *frame,
               int throwflag)
 {
+    if (stack_limit == UINTPTR_MAX) {
+        find_stack_limit();
+    }
+    if ((uintptr_t)__builtin_frame_address(0) <= stack_limit) {
+        PyErr_SetString(PyExc_RecursionError,
+                        "maximum recursion depth exceeded: the C stack is "
+                        "nearly full (perf mode uses a native frame per "
+                        "Python frame)");
+        return NULL;
+    }
     py_trampoline code = find_or_make_trampoline(tstate, frame->f_code);
     if (code == NULL) {
         return _PyEval_EvalFrameDefault(tstate, frame, throwflag);
@@ -633,7 +671,9 @@ static PyObject *
 py_trampoline_evaluator(PyThreadState *tstate, _PyInterpreterFrame *frame,
                         int throwflag)
 {
-    if (tstate->interp == fast.interp) {
+    if (tstate->interp == fast.interp
+        && (uintptr_t)__builtin_frame_address(0) > stack_limit)
+    {
         py_trampoline code = read_trampoline(frame->f_code, fast.index);
         if (code != NULL) {
             return code(tstate, frame, throwflag, _PyEval_EvalFrameDefault);

@@ -425,6 +425,27 @@ class PerfMapTests(unittest.TestCase):
         out, _ = self.run_checked(script)
         remove_map(int(out))
 
+    def test_deep_recursion_never_crashes(self):
+        # Each Python frame costs a native frame in perf mode: runaway
+        # recursion must end in RecursionError, not a C stack overflow,
+        # and deep but legal recursion works given a big enough stack.
+        script = """
+            import sys, threading
+            sys.setrecursionlimit(1_000_000)
+            def down(n):
+                return 0 if n == 0 else down(n - 1) + 1
+            try:
+                down(900_000)
+            except RecursionError:
+                print("RecursionError")
+            threading.stack_size(256 * 1024 * 1024)
+            t = threading.Thread(target=lambda: print(down(50_000)))
+            t.start()
+            t.join()
+        """
+        out, _ = self.run_checked(script, "-X", "perf")
+        self.assertEqual(out.split(), ["RecursionError", "50000"])
+
     def test_write_xor_execute(self):
         script = """
             import os, sys

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,11 +27,21 @@ PERF_ARGS = ["-X", "perf"]
 
 
 def clean_env():
-    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    """The caller's environment without PYTHON* settings, and a fixed hash
+    seed: string hashes decide dict layouts, a source of run-to-run noise."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONHASHSEED"] = "0"
+    return env
+
+
+# Address-space randomisation moves the heap and stack between runs, which
+# changes timings by a few percent; setarch -R turns it off per process.
+NO_ASLR = (["setarch", os.uname().machine, "-R"]
+           if shutil.which("setarch") else [])
 
 
 def time_once(python, args, workload):
-    proc = subprocess.Popen([python, *args, RUN_ONE, workload],
+    proc = subprocess.Popen([*NO_ASLR, python, *args, RUN_ONE, workload],
                             stdout=subprocess.PIPE, text=True, env=clean_env())
     out, _ = proc.communicate()
     # A -X perf run leaves its map behind, as it should; keep /tmp tidy.
@@ -48,9 +59,11 @@ def measure_ratios(python, workloads, rounds):
     for workload in workloads:
         time_once(python, [], workload)  # warm caches (.pyc files, disk)
         off, on = [], []
-        for _ in range(rounds):
-            off.append(time_once(python, [], workload))
-            on.append(time_once(python, PERF_ARGS, workload))
+        for i in range(rounds):
+            # Swap the order every round so neither mode always runs first.
+            pair = [(off, []), (on, PERF_ARGS)]
+            for times, args in (pair if i % 2 == 0 else pair[::-1]):
+                times.append(time_once(python, args, workload))
         results[workload] = {
             "off_s": statistics.median(off),
             "on_s": statistics.median(on),

@@ -171,13 +171,15 @@ class PerfChainTests(unittest.TestCase):
         # Each trampoline calls the evaluator and is called from C, never
         # from another trampoline.  Frame-pointer unwinding loses the
         # caller of a function sampled in its prologue or epilogue, so the
-        # callee side of the innermost trampoline is not checked.
+        # callee side of the innermost trampoline is not checked, nor the
+        # caller side of a trampoline that is itself the sampled leaf.
         checked = 0
         for stack in stacks:
             positions = [i for i, f in enumerate(stack) if f.startswith("py::")]
             for n, i in enumerate(positions):
                 self.assertLess(i + 1, len(stack), stack)
-                self.assertFalse(stack[i + 1].startswith("py::"), stack)
+                if i > 0:
+                    self.assertFalse(stack[i + 1].startswith("py::"), stack)
                 if n > 0:
                     self.assertIn("_PyEval_EvalFrameDefault", stack[i - 1],
                                   stack)

@@ -2,9 +2,12 @@
 
 For each workload, runs alternate off / on (one fresh process each, the
 workload timing itself), and the table shows the median wall times and
-their ratio.  Callgrind then counts the instructions of the patched build
-with perf support off against the stock build (the cost of merely carrying
-the patch).  Writes the numbers as JSON as well.
+their ratio.  Wall time on a shared machine moves by a few percent from
+run to run, so callgrind also counts instructions, which do not: on vs off
+for every workload (user-space work only; the map file's write() calls are
+kernel time), and the patched build with perf support off against the
+stock build (the cost of merely carrying the patch).  Writes the numbers
+as JSON as well.
 
 Usage: python bench.py --python build/python [--stock build/stock/python]
                        [--rounds 7] [--json FILE] [WORKLOAD ...]"""
@@ -77,18 +80,35 @@ def measure_ratios(python, workloads, rounds):
     return results
 
 
-def instructions(python, workload):
-    proc = subprocess.run(
+def instructions(python, workload, args=()):
+    proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-         python, RUN_ONE, workload],
-        capture_output=True, text=True, env=clean_env())
-    match = re.search(r"Collected : (\d+)", proc.stderr)
+         python, *args, RUN_ONE, workload],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=clean_env())
+    _, stderr = proc.communicate()
+    try:
+        os.unlink(f"/tmp/perf-{proc.pid}.map")
+    except FileNotFoundError:
+        pass
+    match = re.search(r"Collected : (\d+)", stderr)
     if proc.returncode != 0 or match is None:
-        raise RuntimeError(f"callgrind failed on {workload}:\n{proc.stderr}")
+        raise RuntimeError(f"callgrind failed on {workload}:\n{stderr}")
     return int(match.group(1))
 
 
-def measure_instructions(python, stock, workloads):
+def measure_perf_instructions(python, workloads):
+    results = {}
+    for workload in workloads:
+        off = instructions(python, workload)
+        on = instructions(python, workload, PERF_ARGS)
+        results[workload] = {"off": off, "on": on, "ratio": on / off}
+        print(f"  {workload:12} off {off:>14,}  on {on:>14,}  "
+              f"ratio {on / off:.3f}", flush=True)
+    return results
+
+
+def measure_stock_instructions(python, stock, workloads):
     results = {}
     for workload in workloads:
         patched = instructions(python, workload)
@@ -107,6 +127,9 @@ def main():
     parser.add_argument("--stock")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--json")
+    parser.add_argument("--no-callgrind", dest="callgrind",
+                        action="store_false",
+                        help="wall times only (callgrind takes minutes)")
     parser.add_argument("workloads", nargs="*", default=WORKLOADS)
     args = parser.parse_args()
 
@@ -115,9 +138,13 @@ def main():
           "alternating runs:")
     report["ratios"] = measure_ratios(args.python, args.workloads,
                                       args.rounds)
-    if args.stock:
+    if args.callgrind:
+        print("instructions (callgrind), -X perf vs off:")
+        report["perf_instructions"] = measure_perf_instructions(
+            args.python, args.workloads)
+    if args.stock and args.callgrind:
         print("instructions (callgrind), perf support off vs stock:")
-        report["instructions"] = measure_instructions(
+        report["stock_instructions"] = measure_stock_instructions(
             args.python, args.stock,
             [w for w in CALLGRIND_WORKLOADS if w in args.workloads])
     if args.json:

@@ -37,7 +37,7 @@
 #include <stdio.h>
 #include <sys/mman.h>             // mmap()
 #include <sys/stat.h>             // fstat()
-#include <unistd.h>               // write(), sysconf()
+#include <unistd.h>               // write(), getpid()
 
 typedef PyObject *(*py_evaluator)(PyThreadState *, _PyInterpreterFrame *,
                                   int throwflag);
@@ -62,8 +62,6 @@ typedef struct {
     char *next;         /* next free trampoline */
     char *end;          /* end of the current arena */
     size_t last_size;   /* size of the current arena */
-    size_t total_size;  /* bytes mapped for all arenas */
-    size_t count;       /* trampolines handed out */
 } arena_state;
 
 static arena_state arenas;
@@ -113,7 +111,6 @@ new_arena(void)
     arenas.next = mem;
     arenas.end = mem + count * stride;
     arenas.last_size = size;
-    arenas.total_size += size;
     return 0;
 }
 
@@ -136,7 +133,6 @@ allocate_trampoline(void)
     }
     char *code = arenas.next;
     arenas.next += trampoline_stride();
-    arenas.count++;
     return (py_trampoline)(void *)code;
 }
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,14 +36,10 @@ def clean_env():
     return env
 
 
-# Address-space randomisation moves the heap and stack between runs, which
-# changes timings by a few percent; setarch -R turns it off per process.
-NO_ASLR = (["setarch", os.uname().machine, "-R"]
-           if shutil.which("setarch") else [])
-
-
 def time_once(python, args, workload):
-    proc = subprocess.Popen([*NO_ASLR, python, *args, RUN_ONE, workload],
+    # Address-space randomisation stays on: a fixed layout can be a slow
+    # one for one mode only, while random layouts average out over rounds.
+    proc = subprocess.Popen([python, *args, RUN_ONE, workload],
                             stdout=subprocess.PIPE, text=True, env=clean_env())
     out, _ = proc.communicate()
     # A -X perf run leaves its map behind, as it should; keep /tmp tidy.

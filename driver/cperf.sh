@@ -381,12 +381,14 @@ cmd_demo() {
     STEP=demo
     local demo=$BUILD/demo python=$BUILD/python
     mkdir -p "$demo"
-    cp "$ROOT/driver/demo_seed.py" "$demo/seed.py"
     if ! "$python" -c 'import sysconfig, sys
 sys.exit(not sysconfig.get_config_var("PY_HAVE_PERF_TRAMPOLINE"))'; then
         say "perf support is not built into this interpreter yet"
         return
     fi
+    # The howto's foo/bar/baz example, as the tests profile it.
+    "$python" -c 'from test.test_perf_profiler import SEED; print(SEED)' \
+        >"$demo/seed.py"
     say "perf record -F 9999 -g build/python -X perf seed.py"
     run demo perf record -F 9999 -g -o "$demo/perf.data" \
         "$python" -X perf "$demo/seed.py"

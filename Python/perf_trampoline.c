@@ -29,9 +29,10 @@
 #include "pycore_perf_trampoline.h"
 #include "pycore_pystate.h"       // _PyThreadState_GET()
 
+#include <errno.h>
+
 #ifdef PY_HAVE_PERF_TRAMPOLINE
 
-#include <errno.h>
 #include <fcntl.h>                // open()
 #include <pthread.h>
 #include <stdio.h>
@@ -256,11 +257,12 @@ perf_map_append_locked(const char *buf, size_t len)
     return 0;
 }
 
-/* Copy the first `size` bytes of the parent's map (still open as
-   `parent_fd`) into ours, so trampolines inherited across fork() -
-   including those of frames on the stack - resolve in the child. */
+/* Copy the complete lines among the first `size` bytes of the file open
+   as `src_fd` into ours.  After fork() that is the parent's map, so that
+   trampolines inherited by the child - including those of frames on its
+   stack - resolve in the child's map too. */
 static int
-perf_map_copy_locked(int parent_fd, off_t size)
+perf_map_copy_locked(int src_fd, off_t size)
 {
     char buf[64 * 1024];
     off_t offset = 0;
@@ -269,23 +271,25 @@ perf_map_copy_locked(int parent_fd, off_t size)
         if ((off_t)want > size - offset) {
             want = (size_t)(size - offset);
         }
-        ssize_t n = pread(parent_fd, buf, want, offset);
+        ssize_t n = pread(src_fd, buf, want, offset);
         if (n < 0 && errno == EINTR) {
             continue;
         }
         if (n <= 0) {
-            return n == 0 ? 0 : -1;  /* the parent's file got shorter */
+            return n == 0 ? 0 : -1;  /* n == 0: the file got shorter */
         }
-        /* Whole lines only: a chunk can end in the middle of one. */
+        /* Whole lines only: a chunk can end in the middle of one, and
+           the file in a line still being written. */
         size_t len = (size_t)n;
-        if (offset + n < size) {
-            while (len > 0 && buf[len - 1] != '\n') {
-                len--;
+        while (len > 0 && buf[len - 1] != '\n') {
+            len--;
+        }
+        if (len == 0) {
+            if ((size_t)n < sizeof(buf)) {
+                return 0;  /* only a partial line is left */
             }
-            if (len == 0) {
-                errno = EINVAL;  /* a line longer than the buffer */
-                return -1;
-            }
+            errno = EINVAL;  /* a line longer than the buffer */
+            return -1;
         }
         if (perf_map_append_locked(buf, len) < 0) {
             return -1;
@@ -373,14 +377,67 @@ typedef struct {
 } name_writer;
 
 static void
-put_ascii(name_writer *w, const char *s)
+put_char(name_writer *w, Py_UCS4 ch)
 {
-    for (; *s && !w->truncated; s++) {
-        if (w->len + 1 > w->limit) {
-            w->truncated = 1;
-            break;
+    char encoded[8];
+    size_t n = escape_name_char(ch, encoded);
+    if (w->truncated || w->len + n > w->limit) {
+        w->truncated = 1;
+        return;
+    }
+    memcpy(w->buf + w->len, encoded, n);
+    w->len += n;
+}
+
+/* Decode one code point of the UTF-8 string s.  A byte that does not
+   start a valid sequence decodes as U+DC80..U+DCFF, as surrogateescape
+   would, and escape_name_char() writes it as \xNN.  Returns the number of
+   bytes used; a NUL ends any sequence, so s is never read past its end. */
+static size_t
+decode_utf8_char(const unsigned char *s, Py_UCS4 *ch)
+{
+    unsigned char lead = s[0];
+    size_t more;
+    Py_UCS4 min;
+    if (lead < 0x80) {
+        *ch = lead;
+        return 1;
+    }
+    if (lead >= 0xc2 && lead <= 0xdf) {
+        more = 1, min = 0x80, *ch = lead & 0x1f;
+    }
+    else if (lead >= 0xe0 && lead <= 0xef) {
+        more = 2, min = 0x800, *ch = lead & 0x0f;
+    }
+    else if (lead >= 0xf0 && lead <= 0xf4) {
+        more = 3, min = 0x10000, *ch = lead & 0x07;
+    }
+    else {
+        *ch = 0xdc00 + lead;
+        return 1;
+    }
+    for (size_t i = 1; i <= more; i++) {
+        if ((s[i] & 0xc0) != 0x80) {
+            *ch = 0xdc00 + lead;
+            return 1;
         }
-        w->buf[w->len++] = *s;
+        *ch = (*ch << 6) | (s[i] & 0x3f);
+    }
+    if (*ch < min || *ch > 0x10ffff || (*ch >= 0xd800 && *ch <= 0xdfff)) {
+        *ch = 0xdc00 + lead;
+        return 1;
+    }
+    return more + 1;
+}
+
+static void
+put_utf8(name_writer *w, const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    while (*p && !w->truncated) {
+        Py_UCS4 ch;
+        p += decode_utf8_char(p, &ch);
+        put_char(w, ch);
     }
 }
 
@@ -388,49 +445,45 @@ static void
 put_unicode(name_writer *w, PyObject *str)
 {
     if (str == NULL || !PyUnicode_Check(str) || PyUnicode_READY(str) < 0) {
-        put_ascii(w, "?");
+        put_utf8(w, "?");
         return;
     }
     int kind = PyUnicode_KIND(str);
     const void *data = PyUnicode_DATA(str);
     Py_ssize_t length = PyUnicode_GET_LENGTH(str);
     for (Py_ssize_t i = 0; i < length && !w->truncated; i++) {
-        char encoded[8];
-        size_t n = escape_name_char(PyUnicode_READ(kind, data, i), encoded);
-        if (w->len + n > w->limit) {
-            w->truncated = 1;
-            break;
-        }
-        memcpy(w->buf + w->len, encoded, n);
-        w->len += n;
+        put_char(w, PyUnicode_READ(kind, data, i));
     }
 }
 
-/* Write the map line "<addr> <size> py::<qualname>:<filename>\n" for a
-   code object's trampoline into buf; returns its length. */
-static size_t
-format_code_entry(char *buf, py_trampoline code, PyCodeObject *co)
+/* A map line is "<hex addr> <hex size> <name>\n".  start_entry() writes
+   the numbers into buf and returns a writer for the name;
+   finish_entry() ends the line and returns its length. */
+static name_writer
+start_entry(char *buf, const void *addr, size_t size)
 {
-    int prefix = snprintf(buf, 64, "%" PRIxPTR " %zx ",
-                          (uintptr_t)code, template_size());
+    int prefix = snprintf(buf, 64, "%" PRIxPTR " %zx ", (uintptr_t)addr,
+                          size);
     name_writer w = {buf + prefix, 0, MAX_NAME_BYTES, 0};
-    put_ascii(&w, "py::");
-    put_unicode(&w, co->co_qualname);
-    put_ascii(&w, ":");
-    put_unicode(&w, co->co_filename);
-    if (w.truncated) {
-        memcpy(w.buf + w.len, "...", 3);
-        w.len += 3;
-    }
-    w.buf[w.len++] = '\n';
-    return (size_t)prefix + w.len;
+    return w;
 }
 
-static int
-write_code_entry(py_trampoline code, PyCodeObject *co)
+static size_t
+finish_entry(char *buf, name_writer *w)
 {
-    char line[MAX_LINE_BYTES];
-    size_t len = format_code_entry(line, code, co);
+    if (w->truncated) {
+        memcpy(w->buf + w->len, "...", 3);
+        w->len += 3;
+    }
+    w->buf[w->len++] = '\n';
+    return (size_t)(w->buf - buf) + w->len;
+}
+
+/* Append one line to this process's map, opening it first if needed.
+   Any thread may call this, with or without the GIL. */
+static int
+write_map_line(const char *line, size_t len)
+{
     pthread_mutex_lock(&perf_map_lock);
     int res = perf_map_ready_locked();
     if (res == 0) {
@@ -440,6 +493,19 @@ write_code_entry(py_trampoline code, PyCodeObject *co)
     pthread_mutex_unlock(&perf_map_lock);
     errno = saved_errno;
     return res;
+}
+
+/* The line "py::<qualname>:<filename>" for a code object's trampoline. */
+static int
+write_code_entry(py_trampoline code, PyCodeObject *co)
+{
+    char line[MAX_LINE_BYTES];
+    name_writer w = start_entry(line, (const void *)code, template_size());
+    put_utf8(&w, "py::");
+    put_unicode(&w, co->co_qualname);
+    put_utf8(&w, ":");
+    put_unicode(&w, co->co_filename);
+    return write_map_line(line, finish_entry(line, &w));
 }
 
 /* Raise the Python exception for a failed map operation (errno set). */
@@ -807,6 +873,113 @@ _PyPerfTrampoline_AfterFork_Child(void)
     }
 }
 
+
+/* ---------------------------------------------------------------------
+   The perf-map C API (Include/cpython/perfmap.h).  The map functions may
+   be called from any thread, without the GIL; failures return -1 with
+   errno set. */
+
+int
+PyUnstable_PerfMapState_Init(void)
+{
+    pthread_mutex_lock(&perf_map_lock);
+    int res = perf_map_ready_locked();
+    int saved_errno = errno;
+    pthread_mutex_unlock(&perf_map_lock);
+    errno = saved_errno;
+    return res;
+}
+
+int
+PyUnstable_WritePerfMapEntry(const void *code_addr, unsigned int code_size,
+                             const char *entry_name)
+{
+    if (entry_name == NULL) {
+        errno = EINVAL;
+        return -1;
+    }
+    char line[MAX_LINE_BYTES];
+    name_writer w = start_entry(line, code_addr, code_size);
+    put_utf8(&w, entry_name);
+    return write_map_line(line, finish_entry(line, &w));
+}
+
+void
+PyUnstable_PerfMapState_Fini(void)
+{
+    /* Perf mode, if active, opens the map again (appending) when it next
+       needs it. */
+    pthread_mutex_lock(&perf_map_lock);
+    if (perf_map.fd >= 0) {
+        close(perf_map.fd);
+        perf_map.fd = -1;
+    }
+    pthread_mutex_unlock(&perf_map_lock);
+}
+
+int
+PyUnstable_CopyPerfMapFile(const char *parent_filename)
+{
+    if (parent_filename == NULL) {
+        errno = EINVAL;
+        return -1;
+    }
+    int fd = open(parent_filename,
+                  O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    if (fd < 0) {
+        return -1;
+    }
+    struct stat st;
+    int res = fstat(fd, &st);
+    if (res == 0 && !S_ISREG(st.st_mode)) {
+        errno = EINVAL;
+        res = -1;
+    }
+    if (res == 0) {
+        pthread_mutex_lock(&perf_map_lock);
+        res = perf_map_ready_locked();
+        if (res == 0) {
+            res = perf_map_copy_locked(fd, st.st_size);
+        }
+        int saved_errno = errno;
+        pthread_mutex_unlock(&perf_map_lock);
+        errno = saved_errno;
+    }
+    int saved_errno = errno;
+    close(fd);
+    errno = saved_errno;
+    return res;
+}
+
+/* Give a code object its trampoline now, before it first runs.  Needs the
+   GIL; returns -1 with an exception set on failure. */
+int
+PyUnstable_PerfTrampoline_CompileCode(PyCodeObject *co)
+{
+    PyThreadState *tstate = _PyThreadState_GET();
+    if (use_code_extra_index(tstate->interp) < 0) {
+        return -1;
+    }
+    Py_ssize_t index = find_code_extra_index(tstate->interp);
+    void *extra = NULL;
+    if (_PyCode_GetExtra((PyObject *)co, index, &extra) < 0) {
+        return -1;
+    }
+    if (extra == NULL && compile_trampoline(co, index) == NULL) {
+        return -1;
+    }
+    return 0;
+}
+
+/* A forked child always gets its own map that names the trampolines it
+   inherited (see _PyPerfTrampoline_AfterFork_Child), which is what
+   persisting means in CPython 3.12; there is nothing to switch. */
+int
+PyUnstable_PerfTrampoline_SetPersistAfterFork(int Py_UNUSED(enable))
+{
+    return 0;
+}
+
 #else  /* !PY_HAVE_PERF_TRAMPOLINE */
 
 static int
@@ -848,6 +1021,46 @@ _PyPerfTrampoline_Fini(void)
 void
 _PyPerfTrampoline_AfterFork_Child(void)
 {
+}
+
+int
+PyUnstable_PerfMapState_Init(void)
+{
+    errno = ENOTSUP;
+    return -1;
+}
+
+int
+PyUnstable_WritePerfMapEntry(const void *Py_UNUSED(code_addr),
+                             unsigned int Py_UNUSED(code_size),
+                             const char *Py_UNUSED(entry_name))
+{
+    errno = ENOTSUP;
+    return -1;
+}
+
+void
+PyUnstable_PerfMapState_Fini(void)
+{
+}
+
+int
+PyUnstable_CopyPerfMapFile(const char *Py_UNUSED(parent_filename))
+{
+    errno = ENOTSUP;
+    return -1;
+}
+
+int
+PyUnstable_PerfTrampoline_CompileCode(PyCodeObject *Py_UNUSED(co))
+{
+    return 0;
+}
+
+int
+PyUnstable_PerfTrampoline_SetPersistAfterFork(int Py_UNUSED(enable))
+{
+    return 0;
 }
 
 #endif  /* PY_HAVE_PERF_TRAMPOLINE */

@@ -10,7 +10,7 @@ PREFIX ?= /usr/local
 ROUNDS ?= 9
 export CPYTHON_SRC FRAME_POINTERS PREFIX
 
-.PHONY: all build demo test bench stock dist install clean distclean deps fetch prepare
+.PHONY: all build demo test bench docs stock dist install clean distclean deps fetch prepare
 
 all: build
 
@@ -30,6 +30,9 @@ bench: build stock
 	@build/obj/python Tools/perf/bench/bench.py --python build/python \
 		--stock build/stock/python --rounds $(ROUNDS) \
 		--json build/bench/results.json
+
+docs: build
+	@$(DRIVER) docs
 
 dist:
 	@$(DRIVER) dist

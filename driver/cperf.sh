@@ -4,7 +4,7 @@
 # line and sends its long output to build/logs/<step>.log; on failure it
 # prints the end of that log and exits non-zero.
 #
-#   cperf.sh deps | fetch | prepare | build | stock | dist | install | demo
+#   cperf.sh deps | fetch | prepare | build | stock | dist | install | demo | docs
 #
 # Environment: CPYTHON_SRC (tarball or unpacked tree), CPERF_CACHE (download
 # cache, default ~/.cache/cpython-perf), FRAME_POINTERS (yes/no), PREFIX.
@@ -22,7 +22,8 @@ FP_CFLAGS="-fno-omit-frame-pointer -mno-omit-leaf-frame-pointer"
 JOBS=$(nproc)
 
 REQUIRED_PACKAGES="autoconf autoconf-archive pkg-config build-essential
-    libffi-dev zlib1g-dev libssl-dev linux-perf rsync valgrind"
+    libffi-dev zlib1g-dev libssl-dev linux-perf rsync valgrind
+    python3-sphinx"
 OPTIONAL_PACKAGES="libbz2-dev liblzma-dev libsqlite3-dev libreadline-dev
     libgdbm-dev libgdbm-compat-dev uuid-dev libncurses-dev"
 
@@ -398,13 +399,25 @@ sys.exit(not sysconfig.get_config_var("PY_HAVE_PERF_TRAMPOLINE"))'; then
     "$python" "$ROOT/driver/report_excerpt.py" "$demo/report.txt"
 }
 
+# ---------------------------------------------------------------- docs
+
+# CPython's documentation, with Debian's Sphinx and its stock theme (the
+# python-docs-theme is not packaged): build/doc/html.
+cmd_docs() {
+    STEP=docs
+    say "sphinx-build build/src/Doc -> build/doc/html"
+    run docs /usr/bin/python3 -m sphinx -b html -q -W -j "$JOBS" \
+        -D html_theme=classic "$BUILD/src/Doc" "$BUILD/doc/html"
+    say "open build/doc/html/c-api/perfmaps.html"
+}
+
 main() {
     local cmd=${1:-}
     STEP=${cmd:-driver}
     case $cmd in
-        deps | fetch | prepare | build | stock | dist | install | demo)
+        deps | fetch | prepare | build | stock | dist | install | demo | docs)
             "cmd_$cmd" ;;
-        *) die "usage: $0 deps|fetch|prepare|build|stock|dist|install|demo" ;;
+        *) die "usage: $0 deps|fetch|prepare|build|stock|dist|install|demo|docs" ;;
     esac
 }
 

@@ -1,0 +1,172 @@
+"""The PyUnstable perf-map C API, through a test extension built against
+the patched headers (tests/perfmap/perfmap_ext.c)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import textwrap
+import unittest
+
+from support import PATCHED, ROOT, include_flags, python, run
+
+API = ["PyUnstable_PerfMapState_Init", "PyUnstable_WritePerfMapEntry",
+       "PyUnstable_PerfMapState_Fini", "PyUnstable_CopyPerfMapFile",
+       "PyUnstable_PerfTrampoline_CompileCode",
+       "PyUnstable_PerfTrampoline_SetPersistAfterFork"]
+MAP_LINE = re.compile(rb"([0-9a-f]+) ([0-9a-f]+) (\S.*)")
+
+
+def read_map(pid):
+    """{name: [(addr, size), ...]} of a map whose every line must be whole,
+    well-formed and valid UTF-8."""
+    path = f"/tmp/perf-{pid}.map"
+    with open(path, "rb") as f:
+        data = f.read()
+    os.unlink(path)
+    assert data.endswith(b"\n"), "partial last line"
+    entries = {}
+    for line in data.splitlines():
+        match = MAP_LINE.fullmatch(line)
+        assert match, f"malformed line {line!r}"
+        name = match.group(3).decode("utf-8")
+        entries.setdefault(name, []).append(
+            (int(match.group(1), 16), int(match.group(2), 16)))
+    return entries
+
+
+class PerfMapAPITests(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp()
+        suffix = sysconfig.get_config_var("EXT_SUFFIX")
+        run(["gcc", "-shared", "-fPIC", "-O2", "-pthread",
+             "-o", os.path.join(cls.tmp, "perfmap_ext" + suffix),
+             os.path.join(ROOT, "tests", "perfmap", "perfmap_ext.c"),
+             *include_flags(PATCHED)])
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp)
+
+    def run_script(self, script, *args):
+        code = (f"import sys; sys.path.insert(0, {self.tmp!r})\n"
+                + textwrap.dedent(script))
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("PYTHON")}
+        return run([python(PATCHED), *args, "-c", code], env=env).stdout
+
+    def test_symbols_exported(self):
+        symbols = run(["nm", "-D", "--defined-only",
+                       python(PATCHED)]).stdout.split()
+        for name in API:
+            self.assertIn(name, symbols)
+
+    def test_eight_threads_without_gil_and_perf_mode(self):
+        out = self.run_script("""
+            import os, threading, perfmap_ext
+            result = {}
+            def write():
+                result["failures"] = perfmap_ext.write_many(8, 100_000)
+            t = threading.Thread(target=write)
+            t.start()
+            n = 0
+            while t.is_alive() or n < 100:   # trampolines meanwhile
+                exec(compile(f"def g{n}(): return {n}\\ng{n}()", "<g>",
+                             "exec"))
+                n += 1
+            t.join()
+            print(os.getpid(), result["failures"], n)
+        """, "-X", "perf")
+        pid, failures, made = map(int, out.split())
+        self.assertEqual(failures, 0)
+        entries = read_map(pid)
+        ext = {name: places for name, places in entries.items()
+               if name.startswith("ext::")}
+        self.assertEqual(len(ext), 800_000)
+        for t in range(8):
+            for i in (0, 1, 54_321, 99_999):
+                self.assertEqual(ext[f"ext::t{t}_{i}"],
+                                 [(0x100000000 * (t + 1) + 16 * i, 16)])
+        self.assertTrue(all(len(places) == 1 for places in ext.values()))
+        for n in range(made):
+            self.assertIn(f"py::g{n}:<g>", entries)
+
+    def test_init_fini_cycles(self):
+        out = self.run_script("""
+            import os, perfmap_ext
+            for cycle in range(3):
+                assert perfmap_ext.init() == (0, 0)
+                assert perfmap_ext.write(0x1000 + cycle, 8,
+                                         b"ext::cycle%d" % cycle)[0] == 0
+                perfmap_ext.fini()
+            perfmap_ext.fini()   # twice is harmless
+            print(os.getpid())
+        """)
+        entries = read_map(int(out))
+        self.assertEqual(sorted(entries),
+                         ["ext::cycle0", "ext::cycle1", "ext::cycle2"])
+
+    def test_hostile_names(self):
+        out = self.run_script("""
+            import os, perfmap_ext
+            for name in (b"new\\nline", b"bad\\xffutf8", b"ctl\\x01\\x7f",
+                         b"x" * 100_000, "caf\\u00e9".encode()):
+                assert perfmap_ext.write(0x2000, 4, name)[0] == 0
+            print(os.getpid())
+        """)
+        names = list(read_map(int(out)))
+        self.assertEqual(len(names), 5)
+        self.assertIn(r"new\x0aline", names)
+        self.assertIn(r"bad\xffutf8", names)
+        self.assertIn(r"ctl\x01\x7f", names)
+        self.assertIn("caf\u00e9", names)
+        self.assertTrue(any(n.startswith("xxx") and n.endswith("...")
+                            and len(n) < 5000 for n in names))
+
+    def test_copy_after_fork(self):
+        out = self.run_script("""
+            import errno, os, perfmap_ext
+            assert perfmap_ext.write(0x3000, 4, b"ext::parent")[0] == 0
+            parent = f"/tmp/perf-{os.getpid()}.map"
+            pid = os.fork()
+            if pid == 0:
+                ok = perfmap_ext.copy_file(parent) == (0, 0)
+                ok &= perfmap_ext.write(0x4000, 4, b"ext::child")[0] == 0
+                ok &= perfmap_ext.copy_file("/nonexistent") == (-1,
+                                                              errno.ENOENT)
+                os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+            print(os.getpid(), pid, status)
+        """)
+        parent, child, status = map(int, out.split())
+        self.assertEqual(status, 0)
+        parent_entries = read_map(parent)
+        child_entries = read_map(child)
+        self.assertEqual(list(parent_entries), ["ext::parent"])
+        self.assertIn("ext::parent", child_entries)
+        self.assertIn("ext::child", child_entries)
+
+    def test_compile_code_before_first_run(self):
+        for args in (("-X", "perf"), ()):
+            with self.subTest(args=args):
+                out = self.run_script("""
+                    import os, perfmap_ext
+                    ns = {}
+                    exec(compile("def fresh(): return 7", "<fresh>", "exec"),
+                         ns)
+                    perfmap_ext.compile_code(ns["fresh"].__code__)
+                    perfmap_ext.compile_code(ns["fresh"].__code__)  # once
+                    assert ns["fresh"]() == 7
+                    assert perfmap_ext.set_persist(True) == 0
+                    print(os.getpid())
+                """, *args)
+                entries = read_map(int(out))
+                self.assertEqual(len(entries["py::fresh:<fresh>"]), 1)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -397,6 +397,12 @@ sys.exit(not sysconfig.get_config_var("PY_HAVE_PERF_TRAMPOLINE"))'; then
     perf report --stdio -n -g caller --no-children -i "$demo/perf.data" \
         >"$demo/report.txt" 2>"$LOGS/demo-report.log"
     "$python" "$ROOT/driver/report_excerpt.py" "$demo/report.txt"
+    say "Python-only folded stacks (Tools/perf/pystacks.py), top 5:"
+    perf script -i "$demo/perf.data" 2>>"$LOGS/demo-report.log" \
+        | "$python" "$ROOT/Tools/perf/pystacks.py" \
+            --speedscope "$demo/profile.speedscope.json" >"$demo/folded.txt"
+    head -n 5 "$demo/folded.txt"
+    say "wrote build/demo/profile.speedscope.json (open: npx speedscope FILE)"
 }
 
 # ---------------------------------------------------------------- docs

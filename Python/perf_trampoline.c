@@ -751,11 +751,7 @@ py_trampoline_evaluator(PyThreadState *tstate, _PyInterpreterFrame *frame,
 static int
 perf_map_prepare(void)
 {
-    pthread_mutex_lock(&perf_map_lock);
-    int res = perf_map_ready_locked();
-    int saved_errno = errno;
-    pthread_mutex_unlock(&perf_map_lock);
-    errno = saved_errno;
+    int res = PyUnstable_PerfMapState_Init();
     if (res < 0) {
         set_map_error();
     }
@@ -850,12 +846,7 @@ _PyPerfTrampoline_Fini(void)
         deactivate(tstate->interp);
     }
     fast.interp = NULL;
-    pthread_mutex_lock(&perf_map_lock);
-    if (perf_map.fd >= 0) {
-        close(perf_map.fd);
-        perf_map.fd = -1;
-    }
-    pthread_mutex_unlock(&perf_map_lock);
+    PyUnstable_PerfMapState_Fini();
 }
 
 void

@@ -9,23 +9,9 @@ import tempfile
 import unittest
 
 from support import PATCHED, ROOT, python
+from test.test_perf_profiler import SEED  # the howto's foo/bar/baz
 
 PYSTACKS = os.path.join(ROOT, "Tools", "perf", "pystacks.py")
-SEED = """
-def foo(n):
-    result = 0
-    for _ in range(n):
-        result += 1
-    return result
-
-def bar(n):
-    foo(n)
-
-def baz(n):
-    bar(n)
-
-baz(3_000_000)
-"""
 
 
 def pystacks(*args, stdin=None):

@@ -412,7 +412,7 @@ sys.exit(not sysconfig.get_config_var("PY_HAVE_PERF_TRAMPOLINE"))'; then
 cmd_docs() {
     STEP=docs
     say "sphinx-build build/src/Doc -> build/doc/html"
-    run docs /usr/bin/python3 -m sphinx -b html -q -W -j "$JOBS" \
+    run docs /usr/bin/python3 -m sphinx -b html -q -j "$JOBS" \
         -D html_theme=classic "$BUILD/src/Doc" "$BUILD/doc/html"
     say "open build/doc/html/c-api/perfmaps.html"
 }

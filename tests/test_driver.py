@@ -59,7 +59,9 @@ class SeriesTests(unittest.TestCase):
             with open(dist) as p:
                 out = run(["patch", "-p1", "-F0", "-d", tree], stdin=p).stdout
             self.assertNotRegex(out, r"fuzz|offset")
-            touched = re.findall(r"^patching file (\S+)", out, re.M)
+            # patch quotes names with spaces ('Misc/NEWS.d/next/C API/...').
+            touched = [name.strip("'") for name in
+                       re.findall(r"^patching file (.+)$", out, re.M)]
             self.assertIn("Python/perf_trampoline.c", touched)
             self.assertIn("Python/sysmodule.c", touched)
             # The result is exactly the tree the build uses.

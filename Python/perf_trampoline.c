@@ -31,6 +31,33 @@
 
 #include <errno.h>
 
+/* -X perf, or PYTHONPERFSUPPORT set to a positive integer (read the same
+   way where perf support is not built, to warn that it is missing). */
+static int
+perf_requested(const PyConfig *config)
+{
+    for (Py_ssize_t i = 0; i < config->xoptions.length; i++) {
+        const wchar_t *opt = config->xoptions.items[i];
+        if (wcscmp(opt, L"perf") == 0 || wcsncmp(opt, L"perf=", 5) == 0) {
+            return 1;
+        }
+    }
+    const char *env = _Py_GetEnv(config->use_environment,
+                                 "PYTHONPERFSUPPORT");
+    if (env == NULL) {
+        return 0;
+    }
+    char *end;
+    errno = 0;
+    long value = strtol(env, &end, 10);
+    if (errno != 0 || end == env || *end != '\0' || value < 0) {
+        fprintf(stderr, "python: PYTHONPERFSUPPORT=%s is not a "
+                "non-negative integer; perf support stays off\n", env);
+        return 0;
+    }
+    return value > 0;
+}
+
 #ifdef PY_HAVE_PERF_TRAMPOLINE
 
 #include <fcntl.h>                // open()
@@ -165,6 +192,23 @@ perf_map_path(char *buf, size_t size, pid_t pid)
     snprintf(buf, size, "/tmp/perf-%ld.map", (long)pid);
 }
 
+/* Cleanup on an error path must not clobber the errno it reports. */
+static void
+close_keeping_errno(int fd)
+{
+    int saved_errno = errno;
+    close(fd);
+    errno = saved_errno;
+}
+
+static void
+perf_map_unlock(void)
+{
+    int saved_errno = errno;
+    pthread_mutex_unlock(&perf_map_lock);
+    errno = saved_errno;
+}
+
 /* Refuse an existing file we must not write into. */
 static int
 check_map_file(int fd)
@@ -223,9 +267,7 @@ perf_map_open_locked(void)
         || (!reuse && ftruncate(fd, 0) < 0)
         || fstat(fd, &st) < 0)
     {
-        int saved_errno = errno;
-        close(fd);
-        errno = saved_errno;
+        close_keeping_errno(fd);
         return -1;
     }
     perf_map.fd = fd;
@@ -311,9 +353,7 @@ perf_map_fork_locked(void)
     if (res == 0) {
         res = perf_map_copy_locked(parent_fd, parent_size);
     }
-    int saved_errno = errno;
-    close(parent_fd);
-    errno = saved_errno;
+    close_keeping_errno(parent_fd);
     return res;
 }
 
@@ -489,9 +529,7 @@ write_map_line(const char *line, size_t len)
     if (res == 0) {
         res = perf_map_append_locked(line, len);
     }
-    int saved_errno = errno;
-    pthread_mutex_unlock(&perf_map_lock);
-    errno = saved_errno;
+    perf_map_unlock();
     return res;
 }
 
@@ -563,6 +601,16 @@ static struct {
     int layout_broken;
 } fast;
 
+/* Point the fast path at interp, unless the layout check failed. */
+static void
+set_fast_path(PyInterpreterState *interp, Py_ssize_t index)
+{
+    if (!fast.layout_broken) {
+        fast.interp = interp;
+        fast.index = index;
+    }
+}
+
 static inline py_trampoline
 read_trampoline(PyCodeObject *co, Py_ssize_t index)
 {
@@ -573,10 +621,11 @@ read_trampoline(PyCodeObject *co, Py_ssize_t index)
     return (py_trampoline)extra->ce_extras[index];
 }
 
-/* Called by activate(), which always comes before the hook runs in an
+/* Our co_extra index in interp, requested if needed; -1 with an exception
+   set on failure.  activate() calls this before the hook runs in an
    interpreter, so fast.interp never pairs an interpreter with another's
    index, even when a new interpreter reuses a freed one's address. */
-static int
+static Py_ssize_t
 use_code_extra_index(PyInterpreterState *interp)
 {
     Py_ssize_t index = find_code_extra_index(interp);
@@ -588,11 +637,8 @@ use_code_extra_index(PyInterpreterState *interp)
             return -1;
         }
     }
-    if (!fast.layout_broken) {
-        fast.interp = interp;
-        fast.index = index;
-    }
-    return 0;
+    set_fast_path(interp, index);
+    return index;
 }
 
 /* Give a code object its trampoline.  Returns NULL with an exception. */
@@ -654,11 +700,8 @@ find_or_make_trampoline(PyThreadState *tstate, PyCodeObject *co)
     if (index < 0) {
         return NULL;
     }
-    if (!fast.layout_broken) {
-        /* This interpreter runs now: make it the fast path's. */
-        fast.interp = tstate->interp;
-        fast.index = index;
-    }
+    /* This interpreter runs now: make it the fast path's. */
+    set_fast_path(tstate->interp, index);
     void *extra = NULL;
     (void)_PyCode_GetExtra((PyObject *)co, index, &extra);
     if (extra != NULL) {
@@ -800,32 +843,6 @@ is_active(PyInterpreterState *interp)
     return interp->eval_frame == py_trampoline_evaluator;
 }
 
-/* -X perf, or PYTHONPERFSUPPORT set to a positive integer. */
-static int
-perf_requested(const PyConfig *config)
-{
-    for (Py_ssize_t i = 0; i < config->xoptions.length; i++) {
-        const wchar_t *opt = config->xoptions.items[i];
-        if (wcscmp(opt, L"perf") == 0 || wcsncmp(opt, L"perf=", 5) == 0) {
-            return 1;
-        }
-    }
-    const char *env = _Py_GetEnv(config->use_environment,
-                                 "PYTHONPERFSUPPORT");
-    if (env == NULL) {
-        return 0;
-    }
-    char *end;
-    errno = 0;
-    long value = strtol(env, &end, 10);
-    if (errno != 0 || end == env || *end != '\0' || value < 0) {
-        fprintf(stderr, "python: PYTHONPERFSUPPORT=%s is not a "
-                "non-negative integer; perf support stays off\n", env);
-        return 0;
-    }
-    return value > 0;
-}
-
 void
 _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
 {
@@ -875,9 +892,7 @@ PyUnstable_PerfMapState_Init(void)
 {
     pthread_mutex_lock(&perf_map_lock);
     int res = perf_map_ready_locked();
-    int saved_errno = errno;
-    pthread_mutex_unlock(&perf_map_lock);
-    errno = saved_errno;
+    perf_map_unlock();
     return res;
 }
 
@@ -932,13 +947,9 @@ PyUnstable_CopyPerfMapFile(const char *parent_filename)
         if (res == 0) {
             res = perf_map_copy_locked(fd, st.st_size);
         }
-        int saved_errno = errno;
-        pthread_mutex_unlock(&perf_map_lock);
-        errno = saved_errno;
+        perf_map_unlock();
     }
-    int saved_errno = errno;
-    close(fd);
-    errno = saved_errno;
+    close_keeping_errno(fd);
     return res;
 }
 
@@ -947,11 +958,10 @@ PyUnstable_CopyPerfMapFile(const char *parent_filename)
 int
 PyUnstable_PerfTrampoline_CompileCode(PyCodeObject *co)
 {
-    PyThreadState *tstate = _PyThreadState_GET();
-    if (use_code_extra_index(tstate->interp) < 0) {
+    Py_ssize_t index = use_code_extra_index(_PyInterpreterState_GET());
+    if (index < 0) {
         return -1;
     }
-    Py_ssize_t index = find_code_extra_index(tstate->interp);
     void *extra = NULL;
     if (_PyCode_GetExtra((PyObject *)co, index, &extra) < 0) {
         return -1;
@@ -995,12 +1005,9 @@ void
 _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
 {
     const PyConfig *config = _PyInterpreterState_GetConfig(tstate->interp);
-    for (Py_ssize_t i = 0; i < config->xoptions.length; i++) {
-        if (wcscmp(config->xoptions.items[i], L"perf") == 0) {
-            fprintf(stderr, "python: -X perf: perf support is not "
-                    "available on this platform\n");
-            return;
-        }
+    if (perf_requested(config)) {
+        fprintf(stderr, "python: perf support is not available on this "
+                "platform\n");
     }
 }
 

@@ -15,6 +15,8 @@ import tempfile
 import unittest
 import xml.etree.ElementTree as ET
 
+from support import clean_env
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 CPYTHON_TESTS = [
@@ -64,8 +66,7 @@ def count_junit(path):
 def run_cpython_tests(tally, label, extra_env):
     # The caller's PYTHON* variables (PYTHONUNBUFFERED, ...) change what
     # CPython's own tests expect; run them in a clean environment.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(extra_env)
+    env = clean_env(**extra_env)
     with tempfile.TemporaryDirectory() as tmp:
         junit = os.path.join(tmp, "junit.xml")
         cmd = [sys.executable, "-m", "test", "-j2", "--junit-xml", junit,

@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build")
@@ -29,6 +28,14 @@ def include_flags(tree, internal=False):
     if internal:
         flags.append("-I" + os.path.join(tree["src"], "Include", "internal"))
     return flags
+
+
+def clean_env(**extra):
+    """This environment without the caller's PYTHON* settings (this machine
+    sets PYTHONUNBUFFERED, for one), plus extra."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(extra)
+    return env
 
 
 def driver(*args, env=None):

@@ -5,7 +5,8 @@ import sysconfig
 import tempfile
 import unittest
 
-from support import PATCHED, STOCK, ROOT, include_flags, python, run
+from support import (PATCHED, STOCK, ROOT, clean_env, include_flags,
+                     python, run)
 
 ABI = os.path.join(ROOT, "tests", "abi")
 
@@ -58,10 +59,7 @@ class StockBuiltCodeTests(unittest.TestCase):
                  os.path.join(PATCHED["obj"], var("LIBRARY")),
                  *var("LINKFORSHARED").split(), *var("LIBS").split(),
                  *var("SYSLIBS").split(), *var("MODLIBS").split()])
-            env = {k: v for k, v in os.environ.items()
-                   if not k.startswith("PYTHON")}
-            env["PYTHONPERFSUPPORT"] = "1"
-            out = run([exe], env=env).stdout
+            out = run([exe], env=clean_env(PYTHONPERFSUPPORT="1")).stdout
         finally:
             for path in (obj, exe):
                 if os.path.exists(path):

@@ -4,13 +4,12 @@ the patched headers (tests/perfmap/perfmap_ext.c)."""
 import os
 import re
 import shutil
-import subprocess
 import sysconfig
 import tempfile
 import textwrap
 import unittest
 
-from support import PATCHED, ROOT, include_flags, python, run
+from support import PATCHED, ROOT, clean_env, include_flags, python, run
 
 API = ["PyUnstable_PerfMapState_Init", "PyUnstable_WritePerfMapEntry",
        "PyUnstable_PerfMapState_Fini", "PyUnstable_CopyPerfMapFile",
@@ -55,9 +54,8 @@ class PerfMapAPITests(unittest.TestCase):
     def run_script(self, script, *args):
         code = (f"import sys; sys.path.insert(0, {self.tmp!r})\n"
                 + textwrap.dedent(script))
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("PYTHON")}
-        return run([python(PATCHED), *args, "-c", code], env=env).stdout
+        return run([python(PATCHED), *args, "-c", code],
+                   env=clean_env()).stdout
 
     def test_symbols_exported(self):
         symbols = run(["nm", "-D", "--defined-only",

@@ -8,7 +8,6 @@ environment such a skip is a failure instead, because CI can record."""
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import sysconfig
@@ -16,7 +15,7 @@ import tempfile
 import textwrap
 import unittest
 
-from test.support import os_helper, script_helper
+from test.support import os_helper
 
 if not sysconfig.get_config_var("PY_HAVE_PERF_TRAMPOLINE"):
     raise unittest.SkipTest("perf trampoline support is not built")

@@ -36,17 +36,21 @@ def clean_env():
     return env
 
 
+def remove_perf_map(pid):
+    """A -X perf run leaves its map behind, as it should; keep /tmp tidy."""
+    try:
+        os.unlink(f"/tmp/perf-{pid}.map")
+    except FileNotFoundError:
+        pass
+
+
 def time_once(python, args, workload):
     # Address-space randomisation stays on: a fixed layout can be a slow
     # one for one mode only, while random layouts average out over rounds.
     proc = subprocess.Popen([python, *args, RUN_ONE, workload],
                             stdout=subprocess.PIPE, text=True, env=clean_env())
     out, _ = proc.communicate()
-    # A -X perf run leaves its map behind, as it should; keep /tmp tidy.
-    try:
-        os.unlink(f"/tmp/perf-{proc.pid}.map")
-    except FileNotFoundError:
-        pass
+    remove_perf_map(proc.pid)
     if proc.returncode != 0:
         raise RuntimeError(f"{workload} failed under {python} {args}")
     return float(out.split()[-1])
@@ -82,10 +86,7 @@ def instructions(python, workload, args=()):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=clean_env())
     _, stderr = proc.communicate()
-    try:
-        os.unlink(f"/tmp/perf-{proc.pid}.map")
-    except FileNotFoundError:
-        pass
+    remove_perf_map(proc.pid)
     match = re.search(r"Collected : (\d+)", stderr)
     if proc.returncode != 0 or match is None:
         raise RuntimeError(f"callgrind failed on {workload}:\n{stderr}")

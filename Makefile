@@ -10,7 +10,8 @@ PREFIX ?= /usr/local
 ROUNDS ?= 9
 export CPYTHON_SRC FRAME_POINTERS PREFIX
 
-.PHONY: all build demo test bench docs stock dist install clean distclean deps fetch prepare
+.PHONY: all build demo test bench docs stock cross dist install clean distclean \
+	deps fetch prepare
 
 all: build
 
@@ -23,7 +24,10 @@ demo: build
 stock:
 	@$(DRIVER) stock
 
-test: build stock
+cross:
+	@$(DRIVER) cross
+
+test: build stock cross
 	@build/obj/python tests/run_all.py
 
 bench: build stock
@@ -44,7 +48,8 @@ deps fetch prepare:
 	@$(DRIVER) $@
 
 clean:
-	rm -rf build/obj build/stock/obj build/demo build/logs build/python
+	rm -rf build/obj build/stock/obj build/cross-aarch64 build/demo build/logs \
+		build/python
 
 distclean:
 	rm -rf build dist

@@ -48,3 +48,34 @@ _Py_trampoline_func_end:
     .size   _Py_trampoline_func_start, . - _Py_trampoline_func_start
 
     .section .note.GNU-stack, "", %progbits
+
+/* A GNU property note saying which control-flow protections the template
+   supports.  The linker ANDs the notes of all objects: without this one, a
+   build with -fcf-protection (x86_64) or -mbranch-protection (aarch64)
+   would silently lose IBT/SHSTK or BTI for the whole binary. */
+#if defined(__x86_64__) && defined(__CET__)
+#  define CF_PROPERTY_TYPE 0xc0000002   /* GNU_PROPERTY_X86_FEATURE_1_AND */
+#  define CF_PROPERTY_BITS (__CET__ & 3)  /* IBT 1, SHSTK 2 */
+#elif defined(__aarch64__) && (defined(__ARM_FEATURE_BTI_DEFAULT) || \
+                               defined(__ARM_FEATURE_PAC_DEFAULT))
+#  define CF_PROPERTY_TYPE 0xc0000000   /* GNU_PROPERTY_AARCH64_FEATURE_1_AND */
+#  if defined(__ARM_FEATURE_BTI_DEFAULT) && defined(__ARM_FEATURE_PAC_DEFAULT)
+#    define CF_PROPERTY_BITS 3          /* BTI 1, PAC 2 */
+#  elif defined(__ARM_FEATURE_BTI_DEFAULT)
+#    define CF_PROPERTY_BITS 1
+#  else
+#    define CF_PROPERTY_BITS 2
+#  endif
+#endif
+#ifdef CF_PROPERTY_TYPE
+    .section .note.gnu.property, "a"
+    .p2align 3
+    .long   4                   /* name size: "GNU" and its NUL */
+    .long   16                  /* descriptor size */
+    .long   5                   /* NT_GNU_PROPERTY_TYPE_0 */
+    .asciz  "GNU"
+    .long   CF_PROPERTY_TYPE
+    .long   4                   /* property data size */
+    .long   CF_PROPERTY_BITS
+    .long   0                   /* pad the descriptor to 8 bytes */
+#endif

@@ -4,7 +4,8 @@
 # line and sends its long output to build/logs/<step>.log; on failure it
 # prints the end of that log and exits non-zero.
 #
-#   cperf.sh deps | fetch | prepare | build | stock | dist | install | demo | docs
+#   cperf.sh deps | fetch | prepare | build | stock | cross | dist | install
+#            | demo | docs
 #
 # Environment: CPYTHON_SRC (tarball or unpacked tree), CPERF_CACHE (download
 # cache, default ~/.cache/cpython-perf), FRAME_POINTERS (yes/no), PREFIX.
@@ -26,6 +27,9 @@ REQUIRED_PACKAGES="autoconf autoconf-archive pkg-config build-essential
     python3-sphinx"
 OPTIONAL_PACKAGES="libbz2-dev liblzma-dev libsqlite3-dev libreadline-dev
     libgdbm-dev libgdbm-compat-dev uuid-dev libncurses-dev"
+# For the aarch64 cross-build that the tests run under qemu.
+CROSS_PACKAGES="gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
+CROSS_HOST=aarch64-linux-gnu
 
 say() { printf '[%s] %s\n' "$STEP" "$*"; }
 die() { printf '[%s] error: %s\n' "$STEP" "$*" >&2; exit 1; }
@@ -54,13 +58,12 @@ missing_packages() {
     done
 }
 
-cmd_deps() {
-    STEP=deps
-    # shellcheck disable=SC2086
+# install_packages PKG...: install those of PKG that are missing.
+install_packages() {
     local missing
-    missing=$(missing_packages $REQUIRED_PACKAGES $OPTIONAL_PACKAGES | xargs)
+    missing=$(missing_packages "$@" | xargs)
     if [ -z "$missing" ]; then
-        say "all build dependencies present"
+        say "all needed packages present"
         return
     fi
     if [ "$(id -u)" != 0 ]; then
@@ -72,6 +75,12 @@ cmd_deps() {
     # shellcheck disable=SC2086
     run deps env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y --no-install-recommends $missing
+}
+
+cmd_deps() {
+    STEP=deps
+    # shellcheck disable=SC2086
+    install_packages $REQUIRED_PACKAGES $OPTIONAL_PACKAGES
 }
 
 # --------------------------------------------------------------- fetch
@@ -287,21 +296,24 @@ cflags() {
     esac
 }
 
-# configure_and_make SRC OBJ: out-of-tree build of SRC in OBJ.
+# configure_and_make SRC OBJ TARGET CFLAGS [CONFIGURE-ARG...]: out-of-tree
+# build of SRC in OBJ; reconfigures when the flags, arguments or configure
+# change.
 configure_and_make() {
-    local src=$1 obj=$2 flags stamp
-    flags=$(cflags)
-    stamp=$(printf '%s\n' "$flags" "$(sha256sum <"$src/configure")" | sha256sum)
+    local src=$1 obj=$2 target=$3 flags=$4 stamp
+    shift 4
+    stamp=$(printf '%s\n' "$flags" "$*" "$(sha256sum <"$src/configure")" \
+        | sha256sum)
     mkdir -p "$obj"
     if [ ! -f "$obj/Makefile" ] || [ ! -f "$obj/.cperf-configure" ] ||
             [ "$(cat "$obj/.cperf-configure")" != "$stamp" ]; then
-        say "configure ($obj) CFLAGS='$flags'"
+        say "configure ($obj) CFLAGS='$flags' $*"
         (cd "$obj" && run configure-"$(basename "$(dirname "$obj")")" \
-            "$src/configure" CFLAGS="$flags" --with-ensurepip=no)
+            "$src/configure" CFLAGS="$flags" --with-ensurepip=no "$@")
         echo "$stamp" >"$obj/.cperf-configure"
     fi
-    say "make -j$JOBS ($obj)"
-    run build make -C "$obj" -j"$JOBS"
+    say "make -j$JOBS $target ($obj)"
+    run build make -C "$obj" -j"$JOBS" $target
 }
 
 cmd_build() {
@@ -309,7 +321,7 @@ cmd_build() {
     cmd_prepare
     STEP=build
     : >"$LOGS/build.log"
-    configure_and_make "$BUILD/src" "$BUILD/obj"
+    configure_and_make "$BUILD/src" "$BUILD/obj" all "$(cflags)"
     ln -sfn obj/python "$BUILD/python"
     say "built build/python: $("$BUILD/python" -c 'import sys; print(sys.version.split()[0])')"
 }
@@ -330,9 +342,33 @@ cmd_stock() {
         echo "$stamp" >"$BUILD/stock/src/.cperf-stamp"
     fi
     : >"$LOGS/build.log"
-    configure_and_make "$BUILD/stock/src" "$BUILD/stock/obj"
+    configure_and_make "$BUILD/stock/src" "$BUILD/stock/obj" all "$(cflags)"
     ln -sfn obj/python "$BUILD/stock/python"
     say "built build/stock/python (no patches)"
+}
+
+# --------------------------------------------------------------- cross
+
+# The patched source cross-built for aarch64 Linux, as far as libpython:
+# tests/test_cross.py links its checker with it and runs that under
+# qemu-aarch64.  Branch protection (PAC + BTI) is on, as Arm distributions
+# build, and qemu's default CPU enforces pointer authentication.
+cmd_cross() {
+    cmd_build
+    STEP=cross
+    # shellcheck disable=SC2086
+    install_packages $CROSS_PACKAGES
+    : >"$LOGS/build.log"
+    # A cross configure cannot probe the target's devices and getaddrinfo;
+    # the answers are those of any aarch64 Linux with glibc.
+    # Frame pointers whatever FRAME_POINTERS says: the check walks them.
+    configure_and_make "$BUILD/src" "$BUILD/cross-aarch64/obj" \
+        libpython3.11.a "$FP_CFLAGS -mbranch-protection=standard" \
+        --host=$CROSS_HOST --build="$(gcc -dumpmachine)" \
+        --with-build-python="$BUILD/obj/python" \
+        ac_cv_file__dev_ptmx=yes ac_cv_file__dev_ptc=no \
+        ac_cv_buggy_getaddrinfo=no
+    say "built build/cross-aarch64/obj/libpython3.11.a"
 }
 
 # ---------------------------------------------------------------- dist
@@ -421,9 +457,10 @@ main() {
     local cmd=${1:-}
     STEP=${cmd:-driver}
     case $cmd in
-        deps | fetch | prepare | build | stock | dist | install | demo | docs)
+        deps | fetch | prepare | build | stock | cross | dist | install | demo \
+            | docs)
             "cmd_$cmd" ;;
-        *) die "usage: $0 deps|fetch|prepare|build|stock|dist|install|demo|docs" ;;
+        *) die "usage: $0 deps|fetch|prepare|build|stock|cross|dist|install|demo|docs" ;;
     esac
 }
 

@@ -73,6 +73,32 @@ typedef PyObject *(*py_trampoline)(PyThreadState *, _PyInterpreterFrame *,
                                    int throwflag, py_evaluator);
 
 /* The template, from Python/asm_trampoline.S. */
+/* getpid() is a system call (glibc stopped caching it), and arenas and
+   the map need the pid for every new trampoline, to notice a fork that
+   skipped PyOS_AfterFork_Child().  An atfork handler keeps a copy. */
+static pid_t cached_pid;
+static pthread_once_t pid_cache_once = PTHREAD_ONCE_INIT;
+
+static void
+refresh_pid(void)
+{
+    cached_pid = getpid();
+}
+
+static void
+init_pid_cache(void)
+{
+    refresh_pid();
+    (void)pthread_atfork(NULL, NULL, refresh_pid);
+}
+
+static pid_t
+current_pid(void)
+{
+    pthread_once(&pid_cache_once, init_pid_cache);
+    return cached_pid;
+}
+
 extern const char _Py_trampoline_func_start[];
 extern const char _Py_trampoline_func_end[];
 
@@ -135,7 +161,7 @@ new_arena(void)
     /* Needed on architectures whose instruction cache does not snoop data
        writes (aarch64); a no-op on x86_64. */
     __builtin___clear_cache(mem, mem + size);
-    arenas.owner = getpid();
+    arenas.owner = current_pid();
     arenas.next = mem;
     arenas.end = mem + count * stride;
     arenas.last_size = size;
@@ -153,7 +179,7 @@ static py_trampoline
 allocate_trampoline(void)
 {
     if (arenas.next == NULL || arenas.next == arenas.end
-        || arenas.owner != getpid())
+        || arenas.owner != current_pid())
     {
         if (new_arena() < 0) {
             return NULL;
@@ -246,7 +272,7 @@ static int
 perf_map_open_locked(void)
 {
     char path[64];
-    pid_t pid = getpid();
+    pid_t pid = current_pid();
     perf_map_path(path, sizeof(path), pid);
     perf_map.refusal = NULL;
     /* O_NOFOLLOW: never write through a planted symlink.  O_NONBLOCK: a
@@ -364,7 +390,7 @@ perf_map_ready_locked(void)
     if (perf_map.fd < 0) {
         return perf_map_open_locked();
     }
-    if (perf_map.owner != getpid()) {
+    if (perf_map.owner != current_pid()) {
         /* Forked without PyOS_AfterFork_Child() (a C extension's fork). */
         return perf_map_fork_locked();
     }
@@ -481,11 +507,41 @@ put_utf8(name_writer *w, const char *s)
     }
 }
 
+/* ASCII text, the common case, goes in runs: only its control
+   characters need escaping. */
+static void
+put_ascii(name_writer *w, const Py_UCS1 *s, Py_ssize_t length)
+{
+    Py_ssize_t i = 0;
+    while (i < length && !w->truncated) {
+        Py_ssize_t end = i;
+        while (end < length && s[end] >= 0x20 && s[end] != 0x7f) {
+            end++;
+        }
+        size_t run = (size_t)(end - i);
+        size_t room = w->limit - w->len;
+        if (run > room) {
+            run = room;
+            w->truncated = 1;
+        }
+        memcpy(w->buf + w->len, s + i, run);
+        w->len += run;
+        if (end < length) {
+            put_char(w, s[end]);
+        }
+        i = end + 1;
+    }
+}
+
 static void
 put_unicode(name_writer *w, PyObject *str)
 {
     if (str == NULL || !PyUnicode_Check(str) || PyUnicode_READY(str) < 0) {
         put_utf8(w, "?");
+        return;
+    }
+    if (PyUnicode_IS_ASCII(str)) {
+        put_ascii(w, PyUnicode_1BYTE_DATA(str), PyUnicode_GET_LENGTH(str));
         return;
     }
     int kind = PyUnicode_KIND(str);
@@ -496,15 +552,32 @@ put_unicode(name_writer *w, PyObject *str)
     }
 }
 
+/* Write value in lowercase hex, then a space; returns the end.  (snprintf
+   would cost more than the rest of the line.) */
+static char *
+put_hex(char *out, uintptr_t value)
+{
+    char digits[2 * sizeof(value)];
+    size_t n = 0;
+    do {
+        digits[n++] = "0123456789abcdef"[value & 0xf];
+        value >>= 4;
+    } while (value != 0);
+    while (n > 0) {
+        *out++ = digits[--n];
+    }
+    *out++ = ' ';
+    return out;
+}
+
 /* A map line is "<hex addr> <hex size> <name>\n".  start_entry() writes
    the numbers into buf and returns a writer for the name;
    finish_entry() ends the line and returns its length. */
 static name_writer
 start_entry(char *buf, const void *addr, size_t size)
 {
-    int prefix = snprintf(buf, 64, "%" PRIxPTR " %zx ", (uintptr_t)addr,
-                          size);
-    name_writer w = {buf + prefix, 0, MAX_NAME_BYTES, 0};
+    char *name = put_hex(put_hex(buf, (uintptr_t)addr), (uintptr_t)size);
+    name_writer w = {name, 0, MAX_NAME_BYTES, 0};
     return w;
 }
 
@@ -551,7 +624,7 @@ static void
 set_map_error(void)
 {
     char path[64];
-    perf_map_path(path, sizeof(path), getpid());
+    perf_map_path(path, sizeof(path), current_pid());
     if (perf_map.refusal != NULL) {
         PyErr_Format(PyExc_OSError, "perf map file %s %s; not writing to it",
                      path, perf_map.refusal);

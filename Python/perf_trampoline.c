@@ -62,7 +62,9 @@ perf_requested(const PyConfig *config)
 
 #include <fcntl.h>                // open()
 #include <pthread.h>
+#include <signal.h>               // pthread_sigmask()
 #include <stdio.h>
+#include <time.h>                 // clock_gettime()
 #include <sys/mman.h>             // mmap()
 #include <sys/stat.h>             // fstat()
 #include <unistd.h>               // write(), getpid()
@@ -72,12 +74,19 @@ typedef PyObject *(*py_evaluator)(PyThreadState *, _PyInterpreterFrame *,
 typedef PyObject *(*py_trampoline)(PyThreadState *, _PyInterpreterFrame *,
                                    int throwflag, py_evaluator);
 
-/* The template, from Python/asm_trampoline.S. */
 /* getpid() is a system call (glibc stopped caching it), and arenas and
    the map need the pid for every new trampoline, to notice a fork that
-   skipped PyOS_AfterFork_Child().  An atfork handler keeps a copy. */
+   skipped PyOS_AfterFork_Child().  A fork handler keeps a copy.  The
+   process hooks are installed once, on first use; the fork and exit
+   handlers also write out deferred map lines (see below). */
 static pid_t cached_pid;
-static pthread_once_t pid_cache_once = PTHREAD_ONCE_INIT;
+static pthread_once_t process_hooks_once = PTHREAD_ONCE_INIT;
+
+static void fork_prepare(void);
+static void fork_parent(void);
+static void fork_child(void);
+static void init_flusher_wakeup(void);
+static void flush_pending(void);
 
 static void
 refresh_pid(void)
@@ -86,18 +95,22 @@ refresh_pid(void)
 }
 
 static void
-init_pid_cache(void)
+install_process_hooks(void)
 {
     refresh_pid();
-    (void)pthread_atfork(NULL, NULL, refresh_pid);
+    init_flusher_wakeup();
+    (void)pthread_atfork(fork_prepare, fork_parent, fork_child);
+    (void)atexit(flush_pending);
 }
 
 static pid_t
 current_pid(void)
 {
-    pthread_once(&pid_cache_once, init_pid_cache);
+    pthread_once(&process_hooks_once, install_process_hooks);
     return cached_pid;
 }
+
+/* The template, from Python/asm_trampoline.S. */
 
 extern const char _Py_trampoline_func_start[];
 extern const char _Py_trampoline_func_end[];
@@ -606,9 +619,199 @@ write_map_line(const char *line, size_t len)
     return res;
 }
 
-/* The line "py::<qualname>:<filename>" for a code object's trampoline. */
+/* ---------------------------------------------------------------------
+   Deferred lines.  A write() per new trampoline was most of perf mode's
+   cost where many code objects run for the first time (imports, exec).
+   perf reads the map when it reports, not when it samples, so perf mode's
+   own lines wait in a buffer, and a helper thread writes them out at most
+   FLUSH_DELAY_NS after the first of them: a process that never exits
+   still gets every line into its map within that delay.  The buffer is
+   also written when full, before fork(), at exit(), os._exit() and
+   finalization, and when perf mode is turned off, so only a crash or
+   SIGKILL can lose the lines of the last millisecond.  Lines of the
+   PyUnstable API go out at once, as in CPython 3.12. */
+
+#define PENDING_BYTES (64 * 1024)
+#define FLUSH_DELAY_NS (1000 * 1000)
+#define FLUSHER_STACK_SIZE (64 * 1024)
+
+/* All fields are guarded by perf_map_lock. */
+static struct {
+    char buf[PENDING_BYTES];    /* whole lines */
+    size_t len;
+    struct timespec due;        /* when the oldest pending line is due */
+    int error;                  /* errno of a failed deferred write, or 0 */
+    pthread_cond_t wakeup;      /* new lines, or the flusher must go */
+    pthread_t flusher;
+    pid_t flusher_owner;        /* the process it runs in; 0: none */
+} pending;
+
+static void
+init_flusher_wakeup(void)
+{
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&pending.wakeup, &attr);
+    pthread_condattr_destroy(&attr);
+}
+
+static void
+flush_pending_locked(void)
+{
+    if (pending.len == 0) {
+        return;
+    }
+    if (perf_map_ready_locked() < 0
+        || perf_map_append_locked(pending.buf, pending.len) < 0)
+    {
+        /* Reported by the next queue_map_line(), which turns perf mode
+           off: these trampolines stay nameless. */
+        pending.error = errno;
+    }
+    pending.len = 0;
+}
+
+static void
+flush_pending(void)
+{
+    pthread_mutex_lock(&perf_map_lock);
+    flush_pending_locked();
+    perf_map_unlock();
+}
+
 static int
-write_code_entry(py_trampoline code, PyCodeObject *co)
+is_designated_flusher(void)
+{
+    return pending.flusher_owner == current_pid()
+           && pthread_equal(pending.flusher, pthread_self());
+}
+
+static void *
+flusher_main(void *Py_UNUSED(arg))
+{
+    pthread_mutex_lock(&perf_map_lock);
+    while (is_designated_flusher()) {
+        if (pending.len == 0) {
+            pthread_cond_wait(&pending.wakeup, &perf_map_lock);
+        }
+        else if (pthread_cond_timedwait(&pending.wakeup, &perf_map_lock,
+                                        &pending.due) == ETIMEDOUT) {
+            flush_pending_locked();
+        }
+    }
+    flush_pending_locked();
+    pthread_mutex_unlock(&perf_map_lock);
+    return NULL;
+}
+
+/* Make sure this process has a flusher.  Returns -1 if no thread can be
+   started; lines are then written at once. */
+static int
+start_flusher_locked(void)
+{
+    if (pending.flusher_owner == current_pid()) {
+        return 0;
+    }
+    /* The helper never runs signal handlers: it inherits a full mask. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, FLUSHER_STACK_SIZE);
+    int err = pthread_create(&pending.flusher, &attr, flusher_main, NULL);
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err != 0) {
+        return -1;
+    }
+    (void)pthread_setname_np(pending.flusher, "perf-map-flush");
+    pending.flusher_owner = current_pid();
+    return 0;
+}
+
+/* Tell the flusher to write what is pending and end; wait for it. */
+static void
+stop_flusher(void)
+{
+    pthread_mutex_lock(&perf_map_lock);
+    int running = (pending.flusher_owner == current_pid());
+    pthread_t flusher = pending.flusher;
+    pending.flusher_owner = 0;
+    pthread_cond_broadcast(&pending.wakeup);
+    pthread_mutex_unlock(&perf_map_lock);
+    if (running) {
+        pthread_join(flusher, NULL);
+    }
+}
+
+/* fork(): the parent's lines go into the parent's map first, and no
+   thread holds the lock across the fork.  The child has no flusher. */
+static void
+fork_prepare(void)
+{
+    pthread_mutex_lock(&perf_map_lock);
+    flush_pending_locked();
+}
+
+static void
+fork_parent(void)
+{
+    pthread_mutex_unlock(&perf_map_lock);
+}
+
+static void
+fork_child(void)
+{
+    refresh_pid();
+    pending.flusher_owner = 0;
+    init_flusher_wakeup();      /* it may have had the flusher waiting */
+    pthread_mutex_unlock(&perf_map_lock);
+}
+
+/* Queue one of perf mode's own lines.  Returns -1 with errno set if the
+   map cannot be written (now, or by an earlier deferred write). */
+static int
+queue_map_line(const char *line, size_t len)
+{
+    pthread_mutex_lock(&perf_map_lock);
+    int res = 0;
+    if (pending.error != 0) {
+        errno = pending.error;
+        pending.error = 0;
+        res = -1;
+    }
+    else if (perf_map_ready_locked() < 0) {
+        res = -1;
+    }
+    else if (start_flusher_locked() < 0) {
+        res = perf_map_append_locked(line, len);
+    }
+    else {
+        if (pending.len + len > PENDING_BYTES) {
+            flush_pending_locked();
+        }
+        if (pending.len == 0) {
+            clock_gettime(CLOCK_MONOTONIC, &pending.due);
+            pending.due.tv_nsec += FLUSH_DELAY_NS;
+            if (pending.due.tv_nsec >= 1000000000) {
+                pending.due.tv_sec++;
+                pending.due.tv_nsec -= 1000000000;
+            }
+            pthread_cond_broadcast(&pending.wakeup);
+        }
+        memcpy(pending.buf + pending.len, line, len);
+        pending.len += len;
+    }
+    perf_map_unlock();
+    return res;
+}
+
+/* Queue the line "py::<qualname>:<filename>" for a code object's
+   trampoline. */
+static int
+queue_code_entry(py_trampoline code, PyCodeObject *co)
 {
     char line[MAX_LINE_BYTES];
     name_writer w = start_entry(line, (const void *)code, template_size());
@@ -616,7 +819,7 @@ write_code_entry(py_trampoline code, PyCodeObject *co)
     put_unicode(&w, co->co_qualname);
     put_utf8(&w, ":");
     put_unicode(&w, co->co_filename);
-    return write_map_line(line, finish_entry(line, &w));
+    return queue_map_line(line, finish_entry(line, &w));
 }
 
 /* Raise the Python exception for a failed map operation (errno set). */
@@ -723,8 +926,9 @@ compile_trampoline(PyCodeObject *co, Py_ssize_t index)
         PyErr_SetFromErrno(PyExc_OSError);
         return NULL;
     }
-    /* Name it before first use: a sample may land in it right away. */
-    if (write_code_entry(code, co) < 0) {
+    /* Name it before first use: a sample may land in it right away, and
+       perf must find the line when it reports. */
+    if (queue_code_entry(code, co) < 0) {
         set_map_error();
         return NULL;
     }
@@ -907,6 +1111,7 @@ deactivate(PyInterpreterState *interp)
        mapped; only new frames stop using them. */
     if (interp->eval_frame == py_trampoline_evaluator) {
         _PyInterpreterState_SetEvalFrameFunc(interp, NULL);
+        flush_pending();
     }
 }
 
@@ -942,12 +1147,9 @@ _PyPerfTrampoline_Fini(void)
 void
 _PyPerfTrampoline_AfterFork_Child(void)
 {
-    /* Another thread of the parent may have held the lock at fork(). */
-    pthread_mutex_init(&perf_map_lock, NULL);
-    if (perf_map.fd < 0) {
-        return;
-    }
-    int res = perf_map_fork_locked();
+    pthread_mutex_lock(&perf_map_lock);
+    int res = perf_map.fd < 0 ? 0 : perf_map_fork_locked();
+    perf_map_unlock();
     if (res < 0) {
         set_map_error();
         disable_after_failure(_PyThreadState_GET());
@@ -984,11 +1186,19 @@ PyUnstable_WritePerfMapEntry(const void *code_addr, unsigned int code_size,
 }
 
 void
+_PyPerfTrampoline_FlushMap(void)
+{
+    flush_pending();
+}
+
+void
 PyUnstable_PerfMapState_Fini(void)
 {
     /* Perf mode, if active, opens the map again (appending) when it next
-       needs it. */
+       needs it, and starts a new flusher. */
+    stop_flusher();
     pthread_mutex_lock(&perf_map_lock);
+    flush_pending_locked();
     if (perf_map.fd >= 0) {
         close(perf_map.fd);
         perf_map.fd = -1;
@@ -1091,6 +1301,11 @@ _PyPerfTrampoline_Fini(void)
 
 void
 _PyPerfTrampoline_AfterFork_Child(void)
+{
+}
+
+void
+_PyPerfTrampoline_FlushMap(void)
 {
 }
 

@@ -24,6 +24,10 @@ extern void _PyPerfTrampoline_Fini(void);
    also names the trampolines inherited from the parent. */
 extern void _PyPerfTrampoline_AfterFork_Child(void);
 
+/* Called by os._exit(): write out map lines that are still buffered (exit()
+   and Py_FinalizeEx() do that themselves). */
+extern void _PyPerfTrampoline_FlushMap(void);
+
 /* sys.activate_stack_trampoline() and friends, added to the sys module. */
 extern PyMethodDef _PyPerfTrampoline_SysMethods[];
 

@@ -420,7 +420,9 @@ class PerfMapTests(unittest.TestCase):
                 sys.activate_stack_trampoline("perf")
             def fresh():
                 return 1
-            assert fresh() == 1 and count("fresh") == 1
+            assert fresh() == 1
+            sys.deactivate_stack_trampoline()   # writes out pending lines
+            assert count("fresh") == 1
             print(os.getpid())
         """
         out, _ = self.run_checked(script)
@@ -656,6 +658,112 @@ class PerfMapTests(unittest.TestCase):
         """
         out, _ = self.run_checked(script)
         self.assertEqual(out.strip(), "refused")
+
+
+class DeferredLinesTests(unittest.TestCase):
+    """Perf mode's lines are buffered and written by a helper thread soon
+    after; fork, exit paths and deactivation write them out first."""
+
+    def run_checked(self, script, *args):
+        code, out, err = run_python(*args, script=script)
+        self.assertEqual(code, 0, err)
+        return out
+
+    def test_lines_reach_the_map_while_idle(self):
+        # No code runs after the functions: the helper alone writes them.
+        script = """
+            import os, time
+            src = "\\n".join(f"def idle{i}(): return {i}"
+                              for i in range(300))
+            exec(src)
+            total = sum(globals()[f"idle{i}"]() for i in range(300))
+            start = time.monotonic()
+            path = f"/tmp/perf-{os.getpid()}.map"
+            while time.monotonic() - start < 10:
+                with open(path) as f:
+                    if f.read().count(" py::idle") == 300:
+                        break
+                time.sleep(0.0005)
+            print(os.getpid(), time.monotonic() - start)
+        """
+        out = self.run_checked(script, "-X", "perf")
+        pid, waited = out.split()
+        names = read_map(int(pid))
+        remove_map(int(pid))
+        self.assertEqual(sum(n.startswith("py::idle") for n in names), 300)
+        self.assertLess(float(waited), 2.0)
+
+    def test_os_exit_writes_pending_lines(self):
+        script = """
+            import os
+            def right_before_exit(): return 1
+            right_before_exit()
+            print(os.getpid(), flush=True)
+            os._exit(0)
+        """
+        out = self.run_checked(script, "-X", "perf")
+        names = read_map(int(out))
+        remove_map(int(out))
+        self.assertTrue(any(n.startswith("py::right_before_exit:")
+                            for n in names))
+
+    def test_forked_children_exiting_at_once(self):
+        # Like multiprocessing's fork workers: each child makes a
+        # trampoline and leaves with os._exit() or sys.exit() at once.
+        script = """
+            import os, sys
+            def parent_side(): return 0
+            parent_side()
+            children = []
+            for way in ("os._exit", "sys.exit"):
+                pid = os.fork()
+                if pid == 0:
+                    def child_side(): return 1
+                    child_side()
+                    os._exit(0) if way == "os._exit" else sys.exit(0)
+                children.append(pid)
+            for pid in children:
+                os.waitpid(pid, 0)
+            print(os.getpid(), *children)
+        """
+        out = self.run_checked(script, "-X", "perf")
+        parent, *children = map(int, out.split())
+        try:
+            parent_names = read_map(parent)
+            self.assertTrue(any(n.startswith("py::parent_side:")
+                                for n in parent_names))
+            self.assertFalse(any(n.startswith("py::child_side:")
+                                 for n in parent_names))
+            for child in children:
+                self.assertTrue(any(n.startswith("py::child_side:")
+                                    for n in read_map(child)), child)
+        finally:
+            for pid in (parent, *children):
+                remove_map(pid)
+
+    def test_helper_thread_takes_no_signals(self):
+        # glibc keeps two signals of its own unblockable; the rest, and
+        # certainly those that programs handle, must be blocked.
+        script = """
+            import os, signal
+            handled = [signal.SIGINT, signal.SIGTERM, signal.SIGCHLD,
+                       signal.SIGALRM, signal.SIGUSR1, signal.SIGHUP]
+            def f(): return 1
+            f()
+            for tid in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    if f.read().strip() != "perf-map-flush":
+                        continue
+                with open(f"/proc/self/task/{tid}/status") as f:
+                    status = dict(line.split(":\\t", 1) for line in f)
+                blocked = int(status["SigBlk"], 16)
+                print(all(blocked >> (sig - 1) & 1 for sig in handled))
+            print(os.getpid())
+        """
+        out = self.run_checked(script, "-X", "perf")
+        blocked, pid = out.split()
+        remove_map(int(pid))
+        self.assertEqual(blocked, "True")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ non-zero when any fails."""
 import os
 import re
 import sys
+import time
 
 import _fpwalk
 
 FUNCTIONS = 5_000           # enough trampolines for more than one arena
+MAP_DELAY_LIMIT = 5.0       # seconds; perf mode writes lines within 1 ms
 MAP_LINE = re.compile(r"([0-9a-f]+) ([0-9a-f]+) (py::\S.*)")
 
 failures = []
@@ -26,10 +28,22 @@ def check(ok, what):
         failures.append(what)
 
 
-def read_map():
-    """[(start, size, qualname)] from this process's perf map."""
-    with open(f"/tmp/perf-{os.getpid()}.map", encoding="utf-8") as f:
-        lines = f.read().splitlines()
+def read_map(wanted=()):
+    """[(start, size, qualname)] from this process's perf map, once the
+    qualnames in wanted are all there: perf mode writes its lines out
+    shortly after it makes the trampolines, not at once."""
+    start = time.monotonic()
+    while True:
+        with open(f"/tmp/perf-{os.getpid()}.map", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        names = {line.split(" ", 2)[-1][4:].split(":")[0] for line in lines}
+        if set(wanted) <= names:
+            break
+        if time.monotonic() - start > MAP_DELAY_LIMIT:
+            check(False, f"lines for {sorted(set(wanted) - names)[:3]} "
+                         f"reach the map")
+            break
+        time.sleep(0.001)
     matches = [MAP_LINE.fullmatch(line) for line in lines]
     bad = [line for line, match in zip(lines, matches) if match is None]
     check(not bad, f"{len(lines)} map lines well formed (bad: {bad[:3]})")
@@ -105,7 +119,7 @@ def check_map(entries):
 def check_chain():
     value, addresses = outer(5)
     check(value == 36, f"outer(5) returns through the trampolines ({value})")
-    entries = read_map()
+    entries = read_map(["leaf", "middle", "outer", "check_chain"])
     named = [name_at(entries, a) for a in addresses]
     chain = [n for n in named if n is not None]
     expected = ["leaf", "middle", "outer", "check_chain", "main", "<module>"]
@@ -134,7 +148,7 @@ def main():
     print(f"machine {os.uname().machine}", flush=True)
     check(sys.is_stack_trampoline_active(), "perf mode active")
     check_many_functions()
-    entries = read_map()
+    entries = read_map([f"f{i}" for i in range(FUNCTIONS)])
     check_map(entries)
     check_chain()
     check_deactivated()

@@ -1133,6 +1133,23 @@ _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
     }
 }
 
+/* Report a deferred write that failed after the last trampoline was made,
+   so that no later one reported it. */
+static void
+warn_if_lines_lost(void)
+{
+    pthread_mutex_lock(&perf_map_lock);
+    int err = pending.error;
+    pending.error = 0;
+    perf_map_unlock();
+    if (err != 0) {
+        char path[64];
+        perf_map_path(path, sizeof(path), current_pid());
+        fprintf(stderr, "python: perf support disabled: cannot write %s: "
+                "%s\n", path, strerror(err));
+    }
+}
+
 void
 _PyPerfTrampoline_Fini(void)
 {
@@ -1142,6 +1159,7 @@ _PyPerfTrampoline_Fini(void)
     }
     fast.interp = NULL;
     PyUnstable_PerfMapState_Fini();
+    warn_if_lines_lost();
 }
 
 void

@@ -1,0 +1,159 @@
+"""Perf mode under injected faults: no arena memory, no executable memory,
+an unwritable /tmp, a full disk, a short write.
+
+tests/faults/faultshim.c, preloaded with LD_PRELOAD, makes the chosen
+system calls fail.  In every case the program must print what it prints
+without perf support and exit normally; perf support turns off with one
+warning at startup or mid-run, or the sys call raises OSError; and the map
+holds only complete, well-formed lines."""
+
+import errno
+import os
+import re
+import tempfile
+import unittest
+
+from support import PATCHED, ROOT, clean_env, python, run
+
+SHIM_SOURCE = os.path.join(ROOT, "tests", "faults", "faultshim.c")
+MAP_LINE = re.compile(rb"[0-9a-f]+ [0-9a-f]+ py::\S.*")
+FUNCTIONS = 10_000     # more trampolines than the first 64 KiB arena holds
+WORK = f"""
+import os, sys
+print("pid", os.getpid(), file=sys.stderr)
+src = "\\n".join(f"def f{{i}}(x): return x + {{i}}" for i in range({FUNCTIONS}))
+exec(src)
+print(sum(globals()[f"f{{i}}"](1) for i in range({FUNCTIONS})))
+"""
+EXPECTED = f"{sum(1 + i for i in range(FUNCTIONS))}\n"
+WARNING = "python: perf support disabled: "
+
+shim_dir = None
+
+
+def setUpModule():
+    global shim_dir
+    shim_dir = tempfile.TemporaryDirectory()
+    run(["gcc", "-shared", "-fPIC", "-O2", "-o", shim(), SHIM_SOURCE, "-ldl"])
+
+
+def tearDownModule():
+    shim_dir.cleanup()
+
+
+def shim():
+    return os.path.join(shim_dir.name, "faultshim.so")
+
+
+class FaultTests(unittest.TestCase):
+
+    def run_faulty(self, faults, args=("-X", "perf"), script=WORK):
+        """Run script under the shim; return (stdout, warnings, map lines)
+        after checking the exit status and the map's format."""
+        env = clean_env(LD_PRELOAD=shim(),
+                        **{k: str(v) for k, v in faults.items()})
+        proc = run([python(PATCHED), *args, "-c", script], check=False,
+                   env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        pid = int(re.search(r"^pid (\d+)$", proc.stderr, re.M)[1])
+        warnings = [line for line in proc.stderr.splitlines()
+                    if not line.startswith("pid ")]
+        return proc.stdout, warnings, self.map_lines(pid)
+
+    def map_lines(self, pid):
+        path = f"/tmp/perf-{pid}.map"
+        if not os.path.exists(path):
+            return []
+        with open(path, "rb") as f:
+            data = f.read()
+        os.unlink(path)
+        self.assertTrue(data == b"" or data.endswith(b"\n"),
+                        "the map ends in a partial line")
+        lines = data.splitlines()
+        bad = [line for line in lines if not MAP_LINE.fullmatch(line)]
+        self.assertEqual(bad, [])
+        return lines
+
+    def assert_one_warning(self, warnings, reason):
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertTrue(warnings[0].startswith(WARNING), warnings)
+        self.assertIn(reason, warnings[0])
+
+    def test_no_memory_for_the_first_arena(self):
+        out, warnings, lines = self.run_faulty({"FAULT_MMAP_SIZE": 65536})
+        self.assertEqual(out, EXPECTED)
+        self.assert_one_warning(warnings, "Cannot allocate memory")
+        self.assertEqual(lines, [])
+
+    def test_no_memory_for_a_later_arena(self):
+        # Perf mode stops where the first arena (64 KiB) is full.
+        out, warnings, lines = self.run_faulty({"FAULT_MMAP_SIZE": 131072})
+        self.assertEqual(out, EXPECTED)
+        self.assert_one_warning(warnings, "Cannot allocate memory")
+        self.assertGreater(len(lines), 1000)
+        self.assertLess(len(lines), FUNCTIONS)
+
+    def test_no_executable_memory(self):
+        out, warnings, lines = self.run_faulty({"FAULT_MPROTECT_EXEC": 1})
+        self.assertEqual(out, EXPECTED)
+        self.assert_one_warning(warnings, "Permission denied")
+        self.assertEqual(lines, [])
+
+    def test_tmp_not_writable(self):
+        for err in (errno.EACCES, errno.EROFS, errno.ENOSPC):
+            with self.subTest(errno=errno.errorcode[err]):
+                out, warnings, lines = self.run_faulty(
+                    {"FAULT_MAP_OPEN": err})
+                self.assertEqual(out, EXPECTED)
+                self.assert_one_warning(warnings, os.strerror(err))
+                self.assertEqual(lines, [])
+
+    def test_disk_full_mid_run(self):
+        out, warnings, lines = self.run_faulty(
+            {"FAULT_MAP_WRITE": errno.ENOSPC, "FAULT_AFTER": 3})
+        self.assertEqual(out, EXPECTED)
+        self.assert_one_warning(warnings, "No space left on device")
+        self.assertLess(len(lines), FUNCTIONS)
+
+    def test_short_write_leaves_no_partial_line(self):
+        # The shim writes half of a buffer, then the disk is full.
+        out, warnings, lines = self.run_faulty(
+            {"FAULT_MAP_WRITE": 0, "FAULT_AFTER": 2})
+        self.assertEqual(out, EXPECTED)
+        self.assert_one_warning(warnings, "No space left on device")
+        self.assertLess(len(lines), FUNCTIONS)
+
+    def test_disk_full_after_the_last_trampoline(self):
+        # The failed write is the helper thread's; nothing runs after it
+        # to report it but finalization.
+        script = ("import os, sys\n"
+                  "print('pid', os.getpid(), file=sys.stderr)\n"
+                  "def only(): return 7\n"
+                  "print(only())\n")
+        out, warnings, lines = self.run_faulty(
+            {"FAULT_MAP_WRITE": errno.ENOSPC}, script=script)
+        self.assertEqual(out, "7\n")
+        self.assert_one_warning(warnings, "No space left on device")
+        self.assertEqual(lines, [])
+
+    def test_sys_api_raises(self):
+        script = ("import os, sys\n"
+                  "print('pid', os.getpid(), file=sys.stderr)\n"
+                  "try:\n"
+                  "    sys.activate_stack_trampoline('perf')\n"
+                  "except OSError as exc:\n"
+                  "    print('OSError', exc.errno)\n"
+                  "print(sys.is_stack_trampoline_active())\n")
+        cases = [({"FAULT_MMAP_SIZE": 65536}, errno.ENOMEM),
+                 ({"FAULT_MPROTECT_EXEC": 1}, errno.EACCES),
+                 ({"FAULT_MAP_OPEN": errno.EACCES}, errno.EACCES)]
+        for faults, err in cases:
+            with self.subTest(faults=faults):
+                out, warnings, _ = self.run_faulty(faults, args=(),
+                                                   script=script)
+                self.assertEqual(out, f"OSError {err}\nFalse\n")
+                self.assertEqual(warnings, [])
+
+
+if __name__ == "__main__":
+    unittest.main()

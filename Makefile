@@ -3,6 +3,7 @@
 #
 #   make demo     fetch, patch, build, then profile the seed example
 #   make test     the test suite (what CI runs)
+#   make check-full  CPython's whole regression suite three ways (long)
 #   make bench    perf mode's cost: -X perf vs off, and off vs stock
 
 DRIVER := bash driver/cperf.sh
@@ -10,8 +11,8 @@ PREFIX ?= /usr/local
 ROUNDS ?= 9
 export CPYTHON_SRC FRAME_POINTERS PREFIX
 
-.PHONY: all build demo test bench docs stock cross dist install clean distclean \
-	deps fetch prepare
+.PHONY: all build demo test check-full bench docs stock cross dist install \
+	clean distclean deps fetch prepare
 
 all: build
 
@@ -29,6 +30,10 @@ cross:
 
 test: build stock cross
 	@build/obj/python tests/run_all.py
+
+# CPython's whole regression suite: stock, patched, patched with perf on.
+check-full: build stock
+	@build/obj/python driver/check_full.py
 
 bench: build stock
 	@build/obj/python Tools/perf/bench/bench.py --python build/python \

@@ -23,6 +23,10 @@ import xml.etree.ElementTree as ET
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "build", "check-full")
 RESOURCES = "all,-network,-urlfetch,-audio,-gui,-largefile,-cpu"
+# test_socket's VSOCK tests wait in accept() until regrtest's timeout on
+# a virtual machine that has a vsock device but no peer (as CI's does),
+# with or without the patch.
+IGNORE = ["*VSOCK*"]
 CONFIGS = [
     ("stock", os.path.join(ROOT, "build", "stock", "obj", "python"), {}),
     ("patched", os.path.join(ROOT, "build", "obj", "python"), {}),
@@ -89,8 +93,8 @@ def case_outcomes(junit_path):
 def run_config(name, python, extra_env, tests):
     log = os.path.join(OUT, f"{name}.log")
     junit = os.path.join(OUT, f"{name}.junit.xml")
-    cmd = [python, "-m", "test", "-j2", "-u", RESOURCES, "--timeout", "1200",
-           "--junit-xml", junit, *tests]
+    cmd = [python, "-m", "test", "-j2", "-u", RESOURCES, "--timeout", "900",
+           "--junit-xml", junit, *(f"--ignore={p}" for p in IGNORE), *tests]
     env = clean_env(extra_env)
     shown = " ".join(f"{k}={v}" for k, v in extra_env.items())
     print(f"[check-full] {name}: {shown} {' '.join(cmd[1:])} "

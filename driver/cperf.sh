@@ -296,6 +296,24 @@ cflags() {
     esac
 }
 
+# The patched build's directory, relative to build/: each FRAME_POINTERS
+# setting has its own, so switching never rebuilds the other.
+patched_obj() {
+    cflags >/dev/null
+    case ${FRAME_POINTERS:-yes} in
+        yes) echo obj ;;
+        no) echo obj-nofp ;;
+    esac
+}
+
+# build/python for the frame-pointer build, build/python-nofp without.
+patched_python() {
+    case $(patched_obj) in
+        obj) echo python ;;
+        obj-nofp) echo python-nofp ;;
+    esac
+}
+
 # configure_and_make SRC OBJ TARGET CFLAGS [CONFIGURE-ARG...]: out-of-tree
 # build of SRC in OBJ; reconfigures when the flags, arguments or configure
 # change.
@@ -308,7 +326,7 @@ configure_and_make() {
     if [ ! -f "$obj/Makefile" ] || [ ! -f "$obj/.cperf-configure" ] ||
             [ "$(cat "$obj/.cperf-configure")" != "$stamp" ]; then
         say "configure ($obj) CFLAGS='$flags' $*"
-        (cd "$obj" && run configure-"$(basename "$(dirname "$obj")")" \
+        (cd "$obj" && run "configure-$(tr / - <<<"${obj#"$BUILD"/}")" \
             "$src/configure" CFLAGS="$flags" --with-ensurepip=no "$@")
         echo "$stamp" >"$obj/.cperf-configure"
     fi
@@ -321,9 +339,12 @@ cmd_build() {
     cmd_prepare
     STEP=build
     : >"$LOGS/build.log"
-    configure_and_make "$BUILD/src" "$BUILD/obj" all "$(cflags)"
-    ln -sfn obj/python "$BUILD/python"
-    say "built build/python: $("$BUILD/python" -c 'import sys; print(sys.version.split()[0])')"
+    local obj python
+    obj=$(patched_obj)
+    python=$(patched_python)
+    configure_and_make "$BUILD/src" "$BUILD/$obj" all "$(cflags)"
+    ln -sfn "$obj/python" "$BUILD/$python"
+    say "built build/$python: $("$BUILD/$python" -c 'import sys; print(sys.version.split()[0])')"
 }
 
 cmd_stock() {
@@ -405,9 +426,11 @@ cmd_dist() {
 cmd_install() {
     STEP=install
     local prefix=${PREFIX:-/usr/local}
-    [ -x "$BUILD/obj/python" ] || die "nothing built; run make first"
+    local obj
+    obj=$(patched_obj)
+    [ -x "$BUILD/$obj/python" ] || die "nothing built; run make first"
     say "make altinstall prefix=$prefix (never replaces python3)"
-    run install make -C "$BUILD/obj" altinstall \
+    run install make -C "$BUILD/$obj" altinstall \
         prefix="$prefix" exec_prefix="$prefix"
     say "installed $prefix/bin/python3.11"
 }
@@ -416,7 +439,8 @@ cmd_install() {
 
 cmd_demo() {
     STEP=demo
-    local demo=$BUILD/demo python=$BUILD/python
+    local demo=$BUILD/demo python
+    python=$BUILD/$(patched_python)
     mkdir -p "$demo"
     if ! "$python" -c 'import sysconfig, sys
 sys.exit(not sysconfig.get_config_var("PY_HAVE_PERF_TRAMPOLINE"))'; then
@@ -426,7 +450,7 @@ sys.exit(not sysconfig.get_config_var("PY_HAVE_PERF_TRAMPOLINE"))'; then
     # The howto's foo/bar/baz example, as the tests profile it.
     "$python" -c 'from test.test_perf_profiler import SEED; print(SEED)' \
         >"$demo/seed.py"
-    say "perf record -F 9999 -g build/python -X perf seed.py"
+    say "perf record -F 9999 -g build/$(patched_python) -X perf seed.py"
     run demo perf record -F 9999 -g -o "$demo/perf.data" \
         "$python" -X perf "$demo/seed.py"
     say "perf report --stdio -n -g (the py:: chain of the hottest stack):"

@@ -142,6 +142,40 @@ class StressTests(unittest.TestCase):
             self.assertTrue(any(b"py::worker_task:" in line
                                 for line in map_lines(pid)))
 
+    def test_hostile_names_under_perf(self):
+        # A qualname with a newline, run from a file whose name is not
+        # UTF-8: perf script must show one clean symbol for it.
+        require_perf(self)
+        with tempfile.TemporaryDirectory() as tmp:
+            script = os.path.join(os.fsencode(tmp), b"bad\xff\xfe.py")
+            with open(script, "w") as f:
+                f.write(textwrap.dedent("""
+                    def spin(n):
+                        total = 0
+                        for i in range(n):
+                            total += i
+                        return total
+                    spin.__code__ = spin.__code__.replace(
+                        co_qualname="new\\nline")
+                    spin(3_000_000)
+                    import os; print(os.getpid())
+                """))
+            data = os.path.join(tmp, "perf.data")
+            rec = subprocess.run(
+                [b"perf", b"record", b"-F", b"999", b"-g", b"-o",
+                 os.fsencode(data), b"--", os.fsencode(python(PATCHED)),
+                 b"-X", b"perf", script],
+                capture_output=True, env=clean_env(), timeout=60)
+            self.assertEqual(rec.returncode, 0, rec.stderr)
+            rep = subprocess.run(["perf", "script", "-F", "ip,sym", "-i",
+                                  data], capture_output=True)
+            map_lines(int(rec.stdout.split()[-1]))
+        symbols = [line.split(None, 1)[1] for line in
+                   rep.stdout.decode("utf-8").splitlines()
+                   if len(line.split(None, 1)) == 2]
+        expected = "py::new\\x0aline:" + tmp + "/bad\\xff\\xfe.py"
+        self.assertGreater(symbols.count(expected), 10)
+
     def test_a_million_code_objects(self):
         # Fresh code objects, each run once and dropped: per code object
         # the arena grows by one trampoline and the map by one line, in

@@ -31,19 +31,14 @@
 
 #include <errno.h>
 
-/* -X perf, or PYTHONPERFSUPPORT set to a positive integer (read the same
-   way where perf support is not built, to warn that it is missing). */
+/* The backends: the perf map alone, or the map and a jitdump. */
+enum { PERF_OFF, PERF_MAP, PERF_JIT };
+
+/* An environment variable set to a positive integer. */
 static int
-perf_requested(const PyConfig *config)
+env_flag(const PyConfig *config, const char *name)
 {
-    for (Py_ssize_t i = 0; i < config->xoptions.length; i++) {
-        const wchar_t *opt = config->xoptions.items[i];
-        if (wcscmp(opt, L"perf") == 0 || wcsncmp(opt, L"perf=", 5) == 0) {
-            return 1;
-        }
-    }
-    const char *env = _Py_GetEnv(config->use_environment,
-                                 "PYTHONPERFSUPPORT");
+    const char *env = _Py_GetEnv(config->use_environment, name);
     if (env == NULL) {
         return 0;
     }
@@ -51,11 +46,50 @@ perf_requested(const PyConfig *config)
     errno = 0;
     long value = strtol(env, &end, 10);
     if (errno != 0 || end == env || *end != '\0' || value < 0) {
-        fprintf(stderr, "python: PYTHONPERFSUPPORT=%s is not a "
-                "non-negative integer; perf support stays off\n", env);
+        fprintf(stderr, "python: %s=%s is not a non-negative integer; "
+                "ignored\n", name, env);
         return 0;
     }
     return value > 0;
+}
+
+/* -X name or -X name=... */
+static int
+has_xoption(const PyConfig *config, const wchar_t *name)
+{
+    size_t len = wcslen(name);
+    for (Py_ssize_t i = 0; i < config->xoptions.length; i++) {
+        const wchar_t *opt = config->xoptions.items[i];
+        if (wcsncmp(opt, name, len) == 0
+            && (opt[len] == L'\0' || opt[len] == L'='))
+        {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The backend the configuration asks for, read as CPython 3.13 reads it:
+   PYTHONPERFSUPPORT, -X perf, PYTHON_PERF_JIT_SUPPORT, -X perf_jit, a
+   later one winning.  (Read the same way where perf support is not
+   built, to warn that it is missing.) */
+static int
+perf_requested(const PyConfig *config)
+{
+    int backend = PERF_OFF;
+    if (env_flag(config, "PYTHONPERFSUPPORT")) {
+        backend = PERF_MAP;
+    }
+    if (has_xoption(config, L"perf")) {
+        backend = PERF_MAP;
+    }
+    if (env_flag(config, "PYTHON_PERF_JIT_SUPPORT")) {
+        backend = PERF_JIT;
+    }
+    if (has_xoption(config, L"perf_jit")) {
+        backend = PERF_JIT;
+    }
+    return backend;
 }
 
 #ifdef PY_HAVE_PERF_TRAMPOLINE
@@ -124,11 +158,24 @@ extern const char _Py_trampoline_func_end[];
 #define ARENA_MIN_SIZE (64 * 1024)
 #define ARENA_MAX_SIZE (4 * 1024 * 1024)
 
+/* Room left free at the end of each arena.  perf inject --jit maps each
+   trampoline's code together with its unwinding tables (see the jitdump
+   section), a little more than the trampoline itself; the reserve keeps
+   that from reaching into an arena mapped right after. */
+#define ARENA_RESERVE 256
+
+typedef struct {
+    char *start;
+    char *end;
+} arena_range;
+
 typedef struct {
     pid_t owner;        /* the process that mapped the current arena */
     char *next;         /* next free trampoline */
-    char *end;          /* end of the current arena */
+    char *end;          /* end of the current arena's trampolines */
     size_t last_size;   /* size of the current arena */
+    arena_range *all;   /* every arena, to tell our code from others' */
+    size_t count;
 } arena_state;
 
 static arena_state arenas;
@@ -146,6 +193,20 @@ trampoline_stride(void)
     return (size + TRAMPOLINE_ALIGN - 1) & ~(size_t)(TRAMPOLINE_ALIGN - 1);
 }
 
+/* Is [addr, addr + size) a trampoline of ours? */
+static int
+in_arenas(uintptr_t addr, size_t size)
+{
+    for (size_t i = 0; i < arenas.count; i++) {
+        if ((uintptr_t)arenas.all[i].start <= addr
+            && addr + size <= (uintptr_t)arenas.all[i].end)
+        {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* Map a new arena, fill it with copies of the template, then make it
    read+execute.  Returns -1 with errno set on failure. */
 static int
@@ -155,13 +216,20 @@ new_arena(void)
     if (size > ARENA_MAX_SIZE) {
         size = ARENA_MAX_SIZE;
     }
+    arena_range *all = PyMem_RawRealloc(arenas.all, (arenas.count + 1)
+                                                    * sizeof(arena_range));
+    if (all == NULL) {
+        errno = ENOMEM;
+        return -1;
+    }
+    arenas.all = all;
     char *mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) {
         return -1;
     }
     size_t stride = trampoline_stride();
-    size_t count = size / stride;
+    size_t count = (size - ARENA_RESERVE) / stride;
     for (size_t i = 0; i < count; i++) {
         memcpy(mem + i * stride, _Py_trampoline_func_start, template_size());
     }
@@ -178,6 +246,9 @@ new_arena(void)
     arenas.next = mem;
     arenas.end = mem + count * stride;
     arenas.last_size = size;
+    arenas.all[arenas.count].start = mem;
+    arenas.all[arenas.count].end = arenas.end;
+    arenas.count++;
     return 0;
 }
 
@@ -248,26 +319,26 @@ perf_map_unlock(void)
     errno = saved_errno;
 }
 
-/* Refuse an existing file we must not write into. */
+/* Refuse an existing file we must not write into: *refusal says why. */
 static int
-check_map_file(int fd)
+check_output_file(int fd, const char **refusal)
 {
     struct stat st;
     if (fstat(fd, &st) < 0) {
         return -1;
     }
     if (!S_ISREG(st.st_mode)) {
-        perf_map.refusal = "is not a regular file";
+        *refusal = "is not a regular file";
         errno = EINVAL;
         return -1;
     }
     if (st.st_uid != geteuid()) {
-        perf_map.refusal = "is owned by another user";
+        *refusal = "is owned by another user";
         errno = EPERM;
         return -1;
     }
     if (st.st_nlink != 1) {
-        perf_map.refusal = "has other hard links";
+        *refusal = "has other hard links";
         errno = EMLINK;
         return -1;
     }
@@ -275,6 +346,35 @@ check_map_file(int fd)
         return -1;
     }
     return 0;
+}
+
+/* Open one of our files in /tmp (the perf map, the jitdump) for appending,
+   emptied unless keep is set.  Returns the descriptor, or -1 with errno
+   (and maybe *refusal) set. */
+static int
+open_output_file(const char *path, int keep, const char **refusal)
+{
+    *refusal = NULL;
+    /* O_NOFOLLOW: never write through a planted symlink.  O_NONBLOCK: a
+       planted FIFO must not hang us before check_output_file() rejects
+       it. */
+    int fd = open(path,
+                  O_RDWR | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC
+                  | O_NONBLOCK, 0600);
+    if (fd < 0) {
+        if (errno == ELOOP) {
+            *refusal = "is a symbolic link";
+        }
+        return -1;
+    }
+    if (check_output_file(fd, refusal) < 0
+        || fcntl(fd, F_SETFL, O_APPEND) < 0
+        || (!keep && ftruncate(fd, 0) < 0))
+    {
+        close_keeping_errno(fd);
+        return -1;
+    }
+    return fd;
 }
 
 /* Open this process's map file.  A file left by an earlier process with
@@ -287,25 +387,13 @@ perf_map_open_locked(void)
     char path[64];
     pid_t pid = current_pid();
     perf_map_path(path, sizeof(path), pid);
-    perf_map.refusal = NULL;
-    /* O_NOFOLLOW: never write through a planted symlink.  O_NONBLOCK: a
-       planted FIFO must not hang us before check_map_file() rejects it. */
-    int fd = open(path,
-                  O_RDWR | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC
-                  | O_NONBLOCK, 0600);
+    int fd = open_output_file(path, perf_map.owner == pid,
+                              &perf_map.refusal);
     if (fd < 0) {
-        if (errno == ELOOP) {
-            perf_map.refusal = "is a symbolic link";
-        }
         return -1;
     }
-    int reuse = (perf_map.owner == pid);
     struct stat st;
-    if (check_map_file(fd) < 0
-        || fcntl(fd, F_SETFL, O_APPEND) < 0
-        || (!reuse && ftruncate(fd, 0) < 0)
-        || fstat(fd, &st) < 0)
-    {
+    if (fstat(fd, &st) < 0) {
         close_keeping_errno(fd);
         return -1;
     }
@@ -315,35 +403,43 @@ perf_map_open_locked(void)
     return 0;
 }
 
-/* Append whole lines; on failure cut the file back to its last complete
-   line so a reader never sees half a line.  Caller holds perf_map_lock. */
+/* Append len bytes of whole entries (lines, records) to the file open as
+   fd, whose complete entries end at *size.  On failure cut the file back
+   to *size, so a reader never sees half an entry. */
 static int
-perf_map_append_locked(const char *buf, size_t len)
+append_entries(int fd, off_t *size, const char *buf, size_t len)
 {
     size_t done = 0;
     while (done < len) {
-        ssize_t n = write(perf_map.fd, buf + done, len - done);
+        ssize_t n = write(fd, buf + done, len - done);
         if (n < 0 && errno == EINTR) {
             continue;
         }
         if (n <= 0) {
             int saved_errno = (n == 0) ? ENOSPC : errno;
-            (void)ftruncate(perf_map.fd, perf_map.size);
+            (void)ftruncate(fd, *size);
             errno = saved_errno;
             return -1;
         }
         done += (size_t)n;
     }
-    perf_map.size += (off_t)len;
+    *size += (off_t)len;
     return 0;
 }
 
-/* Copy the complete lines among the first `size` bytes of the file open
-   as `src_fd` into ours.  After fork() that is the parent's map, so that
-   trampolines inherited by the child - including those of frames on its
-   stack - resolve in the child's map too. */
+/* Append whole lines to the map.  Caller holds perf_map_lock. */
 static int
-perf_map_copy_locked(int src_fd, off_t size)
+perf_map_append_locked(const char *buf, size_t len)
+{
+    return append_entries(perf_map.fd, &perf_map.size, buf, len);
+}
+
+typedef int (*lines_handler)(const char *lines, size_t len, void *arg);
+
+/* Call handle() on the complete lines among the first `size` bytes of the
+   map file open as src_fd, a chunk at a time. */
+static int
+for_each_map_chunk(int src_fd, off_t size, lines_handler handle, void *arg)
 {
     char buf[64 * 1024];
     off_t offset = 0;
@@ -372,12 +468,28 @@ perf_map_copy_locked(int src_fd, off_t size)
             errno = EINVAL;  /* a line longer than the buffer */
             return -1;
         }
-        if (perf_map_append_locked(buf, len) < 0) {
+        if (handle(buf, len, arg) < 0) {
             return -1;
         }
         offset += (off_t)len;
     }
     return 0;
+}
+
+static int
+append_map_lines(const char *lines, size_t len, void *Py_UNUSED(arg))
+{
+    return perf_map_append_locked(lines, len);
+}
+
+/* Copy the complete lines of another map file into ours.  After fork()
+   that is the parent's map, so that trampolines inherited by the child -
+   including those of frames on its stack - resolve in the child's map
+   too.  Caller holds perf_map_lock. */
+static int
+perf_map_copy_locked(int src_fd, off_t size)
+{
+    return for_each_map_chunk(src_fd, size, append_map_lines, NULL);
 }
 
 /* In a forked child, swap the parent's map for our own.  The parent's file
@@ -808,33 +920,666 @@ queue_map_line(const char *line, size_t len)
     return res;
 }
 
-/* Queue the line "py::<qualname>:<filename>" for a code object's
-   trampoline. */
-static int
-queue_code_entry(py_trampoline code, PyCodeObject *co)
+/* Format the map line "<addr> <size> py::<qualname>:<filename>\n" for a
+   code object's trampoline into line (MAX_LINE_BYTES); returns its
+   length. */
+static size_t
+format_code_line(char *line, py_trampoline code, PyCodeObject *co)
 {
-    char line[MAX_LINE_BYTES];
     name_writer w = start_entry(line, (const void *)code, template_size());
     put_utf8(&w, "py::");
     put_unicode(&w, co->co_qualname);
     put_utf8(&w, ":");
     put_unicode(&w, co->co_filename);
-    return queue_map_line(line, finish_entry(line, &w));
+    return finish_entry(line, &w);
 }
 
-/* Raise the Python exception for a failed map operation (errno set). */
+/* Raise OSError for a failed operation on one of our files (errno set). */
+static void
+set_file_error(const char *what, const char *path, const char *refusal)
+{
+    if (refusal != NULL) {
+        PyErr_Format(PyExc_OSError, "%s %s %s; not writing to it",
+                     what, path, refusal);
+    }
+    else {
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+}
+
 static void
 set_map_error(void)
 {
     char path[64];
     perf_map_path(path, sizeof(path), current_pid());
-    if (perf_map.refusal != NULL) {
-        PyErr_Format(PyExc_OSError, "perf map file %s %s; not writing to it",
-                     path, perf_map.refusal);
+    set_file_error("perf map file", path, perf_map.refusal);
+}
+
+
+/* ---------------------------------------------------------------------
+   The perf_jit backend: /tmp/jit-<pid>.dump, in the jitdump format that
+   `perf inject --jit` reads (Linux's tools/perf/util/jitdump.h).  For
+   every trampoline it holds the code, the name and DWARF call frame
+   information, from which perf inject makes a small ELF file per
+   trampoline; perf's DWARF unwinder (--call-graph dwarf) then steps
+   through trampolines in builds without frame pointers.  The perf map is
+   kept as well: it lists every trampoline, so a switch to perf_jit and a
+   fork() fill a new dump from it. */
+
+#define JITDUMP_MAGIC 0x4A695444        /* "JiTD" */
+#define JITDUMP_VERSION 1
+#define JIT_CODE_LOAD 0
+#define JIT_CODE_UNWINDING_INFO 4
+
+#if defined(__x86_64__)
+#  define JITDUMP_ELF_MACHINE 62        /* EM_X86_64 */
+#elif defined(__aarch64__)
+#  define JITDUMP_ELF_MACHINE 183       /* EM_AARCH64 */
+#endif
+
+typedef struct {
+    uint32_t magic;
+    uint32_t version;
+    uint32_t total_size;
+    uint32_t elf_mach;
+    uint32_t pad1;
+    uint32_t pid;
+    uint64_t timestamp;
+    uint64_t flags;
+} jitdump_header;
+
+typedef struct {
+    uint32_t id;
+    uint32_t total_size;
+    uint64_t timestamp;
+} jitdump_prefix;
+
+/* Followed by the name, NUL-terminated, and the code. */
+typedef struct {
+    jitdump_prefix prefix;
+    uint32_t pid;
+    uint32_t tid;
+    uint64_t vma;
+    uint64_t code_addr;
+    uint64_t code_size;
+    uint64_t code_index;
+} jitdump_code_load;
+
+/* Followed by .eh_frame and .eh_frame_hdr; it describes the next
+   code load. */
+typedef struct {
+    jitdump_prefix prefix;
+    uint64_t unwinding_size;
+    uint64_t eh_frame_hdr_size;
+    uint64_t mapped_size;
+} jitdump_unwinding;
+
+/* All fields are guarded by perf_map_lock. */
+static struct {
+    int fd;                 /* -1 while no dump is open */
+    pid_t owner;            /* the process that created the file */
+    off_t size;             /* bytes of complete records in the file */
+    void *marker;           /* the executable mapping perf records */
+    size_t marker_size;
+    uint64_t next_index;    /* names perf inject's jitted-<pid>-<n>.so */
+    const char *refusal;
+    int wanted;             /* perf_jit is the backend */
+} jitdump = {-1, 0, 0, NULL, 0, 0, NULL, 0};
+
+/* .eh_frame (a CIE, one FDE, a terminator) then .eh_frame_hdr for the
+   template; the same bytes serve every trampoline. */
+static struct {
+    unsigned char data[192];
+    size_t size;
+    size_t hdr_size;
+} unwind_tables;
+
+static void
+jitdump_path(char *buf, size_t size, pid_t pid)
+{
+    snprintf(buf, size, "/tmp/jit-%ld.dump", (long)pid);
+}
+
+static void
+set_jitdump_error(void)
+{
+    char path[64];
+    jitdump_path(path, sizeof(path), current_pid());
+    set_file_error("jitdump file", path, jitdump.refusal);
+}
+
+static uint64_t
+monotonic_ns(void)
+{
+    /* perf record -k 1 stamps samples with this clock. */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000 + (uint64_t)ts.tv_nsec;
+}
+
+/* A little writer for the DWARF bytes. */
+typedef struct {
+    unsigned char *buf;
+    size_t len;
+    size_t cap;
+} byte_writer;
+
+static void
+put_byte(byte_writer *w, unsigned int byte)
+{
+    if (w->len < w->cap) {
+        w->buf[w->len] = (unsigned char)byte;
+    }
+    w->len++;               /* an overflow shows as len > cap */
+}
+
+/* In the byte order of the machine, as perf reads the dump. */
+static void
+put_u32_at(byte_writer *w, size_t at, uint32_t value)
+{
+    for (int i = 0; i < 4; i++) {
+#if PY_BIG_ENDIAN
+        int shift = 8 * (3 - i);
+#else
+        int shift = 8 * i;
+#endif
+        if (at + i < w->cap) {
+            w->buf[at + i] = (unsigned char)(value >> shift);
+        }
+    }
+}
+
+static void
+put_u32(byte_writer *w, uint32_t value)
+{
+    put_u32_at(w, w->len, value);
+    w->len += 4;
+}
+
+static void
+put_sleb128(byte_writer *w, int value)
+{
+    for (;;) {
+        unsigned int byte = value & 0x7f;
+        value >>= 7;
+        if ((value == 0 && !(byte & 0x40)) || (value == -1 && (byte & 0x40))) {
+            put_byte(w, byte);
+            return;
+        }
+        put_byte(w, byte | 0x80);
+    }
+}
+
+/* DWARF call frame instructions used below.  Operands that fit in 7 bits
+   are their own ULEB128 encoding. */
+#define DW_CFA_advance_loc 0x40
+#define DW_CFA_offset 0x80
+#define DW_CFA_restore 0xc0
+#define DW_CFA_def_cfa 0x0c
+#define DW_CFA_def_cfa_register 0x0d
+#define DW_CFA_def_cfa_offset 0x0e
+#define DW_CFA_AARCH64_negate_ra_state 0x2d
+#define DW_EH_PE_udata4 0x03
+#define DW_EH_PE_sdata4 0x0b
+#define DW_EH_PE_pcrel 0x10
+#define DW_EH_PE_datarel 0x30
+
+/* How the template's frame evolves: the CIE's parameters and the FDE's
+   instructions, checked against the template's actual bytes. */
+typedef struct {
+    unsigned int code_align;
+    int data_align;
+    unsigned int return_column;
+    unsigned char initial[8];
+    size_t initial_len;
+    unsigned char program[32];
+    size_t program_len;
+} frame_description;
+
+#if defined(__x86_64__)
+static int
+describe_template(frame_description *d)
+{
+    static const unsigned char endbr64[] = {0xf3, 0x0f, 0x1e, 0xfa};
+    static const unsigned char body[] = {
+        0x55,                   /* push %rbp */
+        0x48, 0x89, 0xe5,       /* mov %rsp, %rbp */
+        0xff, 0xd1,             /* call *%rcx */
+        0x5d,                   /* pop %rbp */
+        0xc3,                   /* ret */
+    };
+    const unsigned char *code = (const unsigned char *)_Py_trampoline_func_start;
+    size_t start = 0;
+    if (template_size() >= sizeof(endbr64)
+        && memcmp(code, endbr64, sizeof(endbr64)) == 0)
+    {
+        start = sizeof(endbr64);
+    }
+    if (template_size() != start + sizeof(body)
+        || memcmp(code + start, body, sizeof(body)) != 0)
+    {
+        return -1;
+    }
+    const unsigned char initial[] = {
+        DW_CFA_def_cfa, 7, 8,           /* CFA = rsp + 8 */
+        DW_CFA_offset | 16, 1,          /* return address at CFA - 8 */
+    };
+    const unsigned char program[] = {
+        DW_CFA_advance_loc | (start + 1),   /* after push %rbp */
+        DW_CFA_def_cfa_offset, 16,
+        DW_CFA_offset | 6, 2,               /* rbp at CFA - 16 */
+        DW_CFA_advance_loc | 3,             /* after mov %rsp, %rbp */
+        DW_CFA_def_cfa_register, 6,         /* CFA = rbp + 16 */
+        DW_CFA_advance_loc | 3,             /* after call, pop %rbp */
+        DW_CFA_def_cfa, 7, 8,
+        DW_CFA_restore | 6,
+    };
+    d->code_align = 1;
+    d->data_align = -8;
+    d->return_column = 16;
+    memcpy(d->initial, initial, sizeof(initial));
+    d->initial_len = sizeof(initial);
+    memcpy(d->program, program, sizeof(program));
+    d->program_len = sizeof(program);
+    return 0;
+}
+#elif defined(__aarch64__)
+static int
+describe_template(frame_description *d)
+{
+    enum {
+        PACIASP = 0xd503233f, BTI_C = 0xd503245f, AUTIASP = 0xd50323bf,
+        STP_FP_LR = 0xa9bf7bfd, MOV_FP_SP = 0x910003fd, BLR_X3 = 0xd63f0060,
+        LDP_FP_LR = 0xa8c17bfd, RET = 0xd65f03c0,
+    };
+    uint32_t insn[8];
+    size_t count = template_size() / 4;
+    if (count > 8 || template_size() % 4 != 0) {
+        return -1;
+    }
+    memcpy(insn, _Py_trampoline_func_start, template_size());
+    size_t i = 0;
+    int pac = 0;
+    if (i < count && (insn[i] == PACIASP || insn[i] == BTI_C)) {
+        pac = (insn[i] == PACIASP);
+        i++;
+    }
+    static const uint32_t body[] = {STP_FP_LR, MOV_FP_SP, BLR_X3, LDP_FP_LR};
+    size_t prologue = i;
+    for (size_t k = 0; k < 4; k++, i++) {
+        if (i >= count || insn[i] != body[k]) {
+            return -1;
+        }
+    }
+    if (pac && (i >= count || insn[i++] != AUTIASP)) {
+        return -1;
+    }
+    if (i != count - 1 || insn[i] != RET) {
+        return -1;
+    }
+    const unsigned char initial[] = {
+        DW_CFA_def_cfa, 31, 0,              /* CFA = sp */
+    };
+    unsigned char program[32];
+    size_t n = 0;
+    if (pac) {
+        program[n++] = DW_CFA_advance_loc | 1;  /* after paciasp */
+        program[n++] = DW_CFA_AARCH64_negate_ra_state;
+    }
+    program[n++] = DW_CFA_advance_loc | (prologue + 1 - pac);  /* after stp */
+    program[n++] = DW_CFA_def_cfa_offset;
+    program[n++] = 16;
+    program[n++] = DW_CFA_offset | 29;      /* x29 at CFA - 16 */
+    program[n++] = 2;
+    program[n++] = DW_CFA_offset | 30;      /* x30 at CFA - 8 */
+    program[n++] = 1;
+    program[n++] = DW_CFA_advance_loc | 1;  /* after mov x29, sp */
+    program[n++] = DW_CFA_def_cfa_register;
+    program[n++] = 29;
+    program[n++] = DW_CFA_advance_loc | 2;  /* after blr, ldp */
+    program[n++] = DW_CFA_def_cfa;
+    program[n++] = 31;
+    program[n++] = 0;
+    program[n++] = DW_CFA_restore | 29;
+    program[n++] = DW_CFA_restore | 30;
+    if (pac) {
+        program[n++] = DW_CFA_advance_loc | 1;  /* after autiasp */
+        program[n++] = DW_CFA_AARCH64_negate_ra_state;
+    }
+    d->code_align = 4;
+    d->data_align = -8;
+    d->return_column = 30;
+    memcpy(d->initial, initial, sizeof(initial));
+    d->initial_len = sizeof(initial);
+    memcpy(d->program, program, n);
+    d->program_len = n;
+    return 0;
+}
+#endif
+
+/* Pad an .eh_frame entry that started at `start` to 8 bytes with
+   DW_CFA_nop, and fill in its length. */
+static void
+end_cfi_entry(byte_writer *w, size_t start)
+{
+    while ((w->len - start) % 8 != 0) {
+        put_byte(w, 0);
+    }
+    put_u32_at(w, start, (uint32_t)(w->len - start - 4));
+}
+
+/* Build unwind_tables.  perf inject places the code at an offset T that
+   is a multiple of 16, .eh_frame at T + ALIGN_8(code size) and
+   .eh_frame_hdr right after it; every pointer here is relative, so T
+   itself never matters. */
+static int
+build_unwind_tables(void)
+{
+    frame_description d;
+    if (unwind_tables.size != 0) {
+        return 0;
+    }
+    if (describe_template(&d) < 0) {
+        errno = ENOTSUP;
+        return -1;
+    }
+    byte_writer w = {unwind_tables.data, 0, sizeof(unwind_tables.data)};
+    int64_t code_to_eh_frame = (int64_t)((template_size() + 7) & ~(size_t)7);
+
+    size_t cie = w.len;             /* the CIE */
+    put_u32(&w, 0);                 /* length, filled in below */
+    put_u32(&w, 0);                 /* CIE id */
+    put_byte(&w, 1);                /* version */
+    put_byte(&w, 'z');
+    put_byte(&w, 'R');
+    put_byte(&w, 0);
+    put_byte(&w, d.code_align);
+    put_sleb128(&w, d.data_align);
+    put_byte(&w, d.return_column);
+    put_byte(&w, 1);                /* augmentation data: */
+    put_byte(&w, DW_EH_PE_pcrel | DW_EH_PE_sdata4);  /* FDE pointers */
+    for (size_t i = 0; i < d.initial_len; i++) {
+        put_byte(&w, d.initial[i]);
+    }
+    end_cfi_entry(&w, cie);
+
+    size_t fde = w.len;             /* the FDE */
+    put_u32(&w, 0);
+    put_u32(&w, (uint32_t)(fde + 4 - cie));                 /* CIE pointer */
+    put_u32(&w, (uint32_t)(-(code_to_eh_frame + (int64_t)fde + 8)));
+    put_u32(&w, (uint32_t)template_size());                 /* range */
+    put_byte(&w, 0);                /* no augmentation data */
+    for (size_t i = 0; i < d.program_len; i++) {
+        put_byte(&w, d.program[i]);
+    }
+    end_cfi_entry(&w, fde);
+    put_u32(&w, 0);                 /* terminator */
+    int64_t eh_frame_size = (int64_t)w.len;
+
+    put_byte(&w, 1);                /* .eh_frame_hdr: version */
+    put_byte(&w, DW_EH_PE_pcrel | DW_EH_PE_sdata4);     /* eh_frame_ptr */
+    put_byte(&w, DW_EH_PE_udata4);                      /* fde_count */
+    put_byte(&w, DW_EH_PE_datarel | DW_EH_PE_sdata4);   /* table */
+    put_u32(&w, (uint32_t)(-(eh_frame_size + 4)));
+    put_u32(&w, 1);
+    put_u32(&w, (uint32_t)(-(code_to_eh_frame + eh_frame_size)));
+    put_u32(&w, (uint32_t)((int64_t)fde - eh_frame_size));
+    if (w.len > w.cap) {
+        errno = ENOBUFS;
+        return -1;
+    }
+    unwind_tables.hdr_size = w.len - (size_t)eh_frame_size;
+    unwind_tables.size = w.len;
+    return 0;
+}
+
+static int
+jitdump_append_locked(const void *buf, size_t len)
+{
+    return append_entries(jitdump.fd, &jitdump.size, buf, len);
+}
+
+static void
+jitdump_close_locked(void)
+{
+    if (jitdump.marker != NULL) {
+        munmap(jitdump.marker, jitdump.marker_size);
+        jitdump.marker = NULL;
+    }
+    if (jitdump.fd >= 0) {
+        close(jitdump.fd);
+        jitdump.fd = -1;
+    }
+}
+
+/* Open this process's dump (emptied unless this process wrote it
+   before), write the header if it is new, and map it executable: that
+   mapping is how perf record learns of the file.  Caller holds
+   perf_map_lock. */
+static int
+jitdump_open_locked(void)
+{
+    char path[64];
+    pid_t pid = current_pid();
+    if (build_unwind_tables() < 0) {
+        return -1;
+    }
+    jitdump_path(path, sizeof(path), pid);
+    int fd = open_output_file(path, jitdump.owner == pid, &jitdump.refusal);
+    if (fd < 0) {
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        close_keeping_errno(fd);
+        return -1;
+    }
+    jitdump.fd = fd;
+    jitdump.owner = pid;
+    jitdump.size = st.st_size;
+    if (jitdump.size == 0) {
+        jitdump_header header = {
+            .magic = JITDUMP_MAGIC,
+            .version = JITDUMP_VERSION,
+            .total_size = sizeof(jitdump_header),
+            .elf_mach = JITDUMP_ELF_MACHINE,
+            .pid = (uint32_t)pid,
+            .timestamp = monotonic_ns(),
+        };
+        if (jitdump_append_locked(&header, sizeof(header)) < 0) {
+            jitdump_close_locked();
+            return -1;
+        }
+    }
+    jitdump.marker_size = (size_t)sysconf(_SC_PAGESIZE);
+    jitdump.marker = mmap(NULL, jitdump.marker_size, PROT_READ | PROT_EXEC,
+                          MAP_PRIVATE, fd, 0);
+    if (jitdump.marker == MAP_FAILED) {
+        jitdump.marker = NULL;
+        jitdump.refusal = "cannot be mapped executable (is /tmp noexec?)";
+        jitdump_close_locked();
+        return -1;
+    }
+    return 0;
+}
+
+/* Add the records for one trampoline: its unwinding tables, then its
+   code load.  Caller holds perf_map_lock. */
+static int
+jitdump_add_locked(uintptr_t addr, const char *name, size_t name_len)
+{
+    char buf[sizeof(jitdump_unwinding) + sizeof(unwind_tables.data) + 8
+             + sizeof(jitdump_code_load) + MAX_LINE_BYTES];
+    uint64_t now = monotonic_ns();
+    size_t unwinding_len = (sizeof(jitdump_unwinding) + unwind_tables.size
+                            + 7) & ~(size_t)7;
+    jitdump_unwinding unwinding = {
+        .prefix = {JIT_CODE_UNWINDING_INFO, (uint32_t)unwinding_len, now},
+        .unwinding_size = unwind_tables.size,
+        .eh_frame_hdr_size = unwind_tables.hdr_size,
+        .mapped_size = unwind_tables.size,
+    };
+    memset(buf, 0, unwinding_len);
+    memcpy(buf, &unwinding, sizeof(unwinding));
+    memcpy(buf + sizeof(unwinding), unwind_tables.data, unwind_tables.size);
+
+    size_t load_len = sizeof(jitdump_code_load) + name_len + 1
+                      + template_size();
+    jitdump_code_load load = {
+        .prefix = {JIT_CODE_LOAD, (uint32_t)load_len, now},
+        .pid = (uint32_t)current_pid(),
+        /* The mapping belongs to the whole process; naming the main
+           thread spares a gettid() per record. */
+        .tid = (uint32_t)current_pid(),
+        .vma = addr,
+        .code_addr = addr,
+        .code_size = template_size(),
+        .code_index = jitdump.next_index,
+    };
+    char *p = buf + unwinding_len;
+    memcpy(p, &load, sizeof(load));
+    p += sizeof(load);
+    memcpy(p, name, name_len);
+    p[name_len] = '\0';
+    p += name_len + 1;
+    /* The trampoline holds a copy of the template. */
+    memcpy(p, _Py_trampoline_func_start, template_size());
+    if (jitdump_append_locked(buf, unwinding_len + load_len) < 0) {
+        return -1;
+    }
+    jitdump.next_index++;
+    return 0;
+}
+
+/* The address and name of a map line of ours ("<addr> <size> py::..."),
+   or 0 for a line of someone else's (the PyUnstable API's users). */
+static uintptr_t
+parse_own_line(const char *line, size_t len, const char **name,
+               size_t *name_len)
+{
+    char *end;
+    uintptr_t addr = (uintptr_t)strtoull(line, &end, 16);
+    if (*end != ' ') {
+        return 0;
+    }
+    unsigned long long size = strtoull(end + 1, &end, 16);
+    if (*end != ' ' || strncmp(end + 1, "py::", 4) != 0
+        || size != template_size() || !in_arenas(addr, template_size()))
+    {
+        return 0;
+    }
+    *name = end + 1;
+    *name_len = (size_t)(line + len - *name);
+    return addr;
+}
+
+static int
+add_map_lines_to_jitdump(const char *lines, size_t len, void *Py_UNUSED(arg))
+{
+    const char *end = lines + len;
+    while (lines < end) {
+        const char *newline = memchr(lines, '\n', (size_t)(end - lines));
+        const char *name;
+        size_t name_len;
+        uintptr_t addr = parse_own_line(lines, (size_t)(newline - lines),
+                                        &name, &name_len);
+        if (addr != 0 && jitdump_add_locked(addr, name, name_len) < 0) {
+            return -1;
+        }
+        lines = newline + 1;
+    }
+    return 0;
+}
+
+/* Make sure this process's dump is open.  A new one (perf_jit turned on,
+   or a fork) gets every trampoline of ours that the map lists, which
+   includes those inherited from a parent.  Sets *filled when it did
+   that.  Caller holds perf_map_lock. */
+static int
+jitdump_ready_locked(int *filled)
+{
+    *filled = 0;
+    if (jitdump.fd >= 0 && jitdump.owner == current_pid()) {
+        return 0;
+    }
+    jitdump_close_locked();     /* a parent's */
+    flush_pending_locked();
+    if (perf_map_ready_locked() < 0) {
+        return -1;
+    }
+    if (jitdump_open_locked() < 0) {
+        return -1;
+    }
+    *filled = 1;
+    return for_each_map_chunk(perf_map.fd, perf_map.size,
+                              add_map_lines_to_jitdump, NULL);
+}
+
+/* Add a map line just queued to the dump, when perf_jit is the backend.
+   Returns -1 with errno set on failure. */
+static int
+jitdump_add_line(const char *line, size_t len)
+{
+    pthread_mutex_lock(&perf_map_lock);
+    int filled;
+    int res = 0;
+    if (jitdump.wanted) {
+        res = jitdump_ready_locked(&filled);
+        if (res == 0 && !filled) {
+            const char *name;
+            size_t name_len;
+            uintptr_t addr = parse_own_line(line, len - 1, &name, &name_len);
+            if (addr != 0) {
+                res = jitdump_add_locked(addr, name, name_len);
+            }
+        }
+    }
+    perf_map_unlock();
+    return res;
+}
+
+/* Switch the dump on or off with the backend.  Returns -1 with an
+   exception set if it cannot be opened. */
+static int
+jitdump_set_wanted(int wanted)
+{
+    pthread_mutex_lock(&perf_map_lock);
+    int res = 0, filled;
+    jitdump.wanted = wanted;
+    if (wanted) {
+        res = jitdump_ready_locked(&filled);
+        if (res < 0) {
+            jitdump.wanted = 0;
+            jitdump_close_locked();
+        }
     }
     else {
-        PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+        jitdump_close_locked();
     }
+    perf_map_unlock();
+    if (res < 0) {
+        set_jitdump_error();
+    }
+    return res;
+}
+
+/* Name a new trampoline in the map and, with perf_jit, in the dump: before
+   its first use, as a sample may land in it right away.  Returns -1 with
+   an exception set on failure. */
+static int
+announce_trampoline(py_trampoline code, PyCodeObject *co)
+{
+    char line[MAX_LINE_BYTES];
+    size_t len = format_code_line(line, code, co);
+    if (queue_map_line(line, len) < 0) {
+        set_map_error();
+        return -1;
+    }
+    if (jitdump_add_line(line, len) < 0) {
+        set_jitdump_error();
+        return -1;
+    }
+    return 0;
 }
 
 
@@ -926,10 +1671,7 @@ compile_trampoline(PyCodeObject *co, Py_ssize_t index)
         PyErr_SetFromErrno(PyExc_OSError);
         return NULL;
     }
-    /* Name it before first use: a sample may land in it right away, and
-       perf must find the line when it reports. */
-    if (queue_code_entry(code, co) < 0) {
-        set_map_error();
+    if (announce_trampoline(code, co) < 0) {
         return NULL;
     }
     if (_PyCode_SetExtra((PyObject *)co, index, (void *)code) < 0) {
@@ -1078,22 +1820,25 @@ perf_map_prepare(void)
     return res;
 }
 
-/* Returns -1 with an exception if perf mode cannot be turned on; the
-   interpreter then keeps its default evaluator. */
+/* Turn perf mode on with a backend, or switch an active one to it (as in
+   CPython 3.13: the other backend's output is closed).  Returns -1 with
+   an exception if perf mode cannot be turned on; the interpreter then
+   keeps its default evaluator. */
 static int
-activate(PyThreadState *tstate)
+activate(PyThreadState *tstate, int backend)
 {
     PyInterpreterState *interp = tstate->interp;
-    if (interp->eval_frame == py_trampoline_evaluator) {
-        return 0;
-    }
-    if (interp->eval_frame != NULL) {
+    if (interp->eval_frame != NULL
+        && interp->eval_frame != py_trampoline_evaluator)
+    {
         PyErr_SetString(PyExc_RuntimeError,
                         "perf trampoline cannot be activated: another "
                         "frame evaluation function is installed");
         return -1;
     }
-    if (use_code_extra_index(interp) < 0 || perf_map_prepare() < 0) {
+    if (use_code_extra_index(interp) < 0 || perf_map_prepare() < 0
+        || jitdump_set_wanted(backend == PERF_JIT) < 0)
+    {
         return -1;
     }
     if (arenas.next == NULL && new_arena() < 0) {
@@ -1125,10 +1870,11 @@ void
 _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
 {
     const PyConfig *config = _PyInterpreterState_GetConfig(tstate->interp);
-    if (!perf_requested(config)) {
+    int backend = perf_requested(config);
+    if (backend == PERF_OFF) {
         return;
     }
-    if (activate(tstate) < 0) {
+    if (activate(tstate, backend) < 0) {
         disable_after_failure(tstate);
     }
 }
@@ -1158,6 +1904,7 @@ _PyPerfTrampoline_Fini(void)
         deactivate(tstate->interp);
     }
     fast.interp = NULL;
+    (void)jitdump_set_wanted(0);
     PyUnstable_PerfMapState_Fini();
     warn_if_lines_lost();
 }
@@ -1166,10 +1913,20 @@ void
 _PyPerfTrampoline_AfterFork_Child(void)
 {
     pthread_mutex_lock(&perf_map_lock);
-    int res = perf_map.fd < 0 ? 0 : perf_map_fork_locked();
+    int map_failed = perf_map.fd >= 0 && perf_map_fork_locked() < 0;
+    int filled;
+    int jitdump_failed = !map_failed && jitdump.wanted
+                         && jitdump_ready_locked(&filled) < 0;
     perf_map_unlock();
-    if (res < 0) {
+    /* Exceptions only outside the lock: making one may run a finalizer,
+       and Python code may need the lock. */
+    if (map_failed) {
         set_map_error();
+    }
+    else if (jitdump_failed) {
+        set_jitdump_error();
+    }
+    if (map_failed || jitdump_failed) {
         disable_after_failure(_PyThreadState_GET());
     }
 }
@@ -1285,7 +2042,7 @@ PyUnstable_PerfTrampoline_SetPersistAfterFork(int Py_UNUSED(enable))
 #else  /* !PY_HAVE_PERF_TRAMPOLINE */
 
 static int
-activate(PyThreadState *Py_UNUSED(tstate))
+activate(PyThreadState *Py_UNUSED(tstate), int Py_UNUSED(backend))
 {
     PyErr_SetString(PyExc_ValueError, "perf trampoline not available");
     return -1;
@@ -1388,11 +2145,18 @@ sys_activate_stack_trampoline(PyObject *Py_UNUSED(module), PyObject *backend)
                      "not %.50s", Py_TYPE(backend)->tp_name);
         return NULL;
     }
-    if (!_PyUnicode_EqualToASCIIString(backend, "perf")) {
+    int id;
+    if (_PyUnicode_EqualToASCIIString(backend, "perf")) {
+        id = PERF_MAP;
+    }
+    else if (_PyUnicode_EqualToASCIIString(backend, "perf_jit")) {
+        id = PERF_JIT;
+    }
+    else {
         PyErr_Format(PyExc_ValueError, "invalid backend: %R", backend);
         return NULL;
     }
-    if (activate(_PyThreadState_GET()) < 0) {
+    if (activate(_PyThreadState_GET(), id) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;

@@ -11,8 +11,8 @@ PREFIX ?= /usr/local
 ROUNDS ?= 9
 export CPYTHON_SRC FRAME_POINTERS PREFIX
 
-.PHONY: all build demo test check-full bench docs stock cross dist install \
-	clean distclean deps fetch prepare
+.PHONY: all build demo test check-full bench docs stock cross nofp dist \
+	install clean distclean deps fetch prepare
 
 all: build
 
@@ -28,7 +28,11 @@ stock:
 cross:
 	@$(DRIVER) cross
 
-test: build stock cross
+# The patched build without frame pointers (build/obj-nofp), for perf_jit.
+nofp:
+	@FRAME_POINTERS=no $(DRIVER) build
+
+test: build stock cross nofp
 	@build/obj/python tests/run_all.py
 
 # CPython's whole regression suite: stock, patched, patched with perf on.
@@ -53,8 +57,8 @@ deps fetch prepare:
 	@$(DRIVER) $@
 
 clean:
-	rm -rf build/obj build/stock/obj build/cross-aarch64 build/demo build/logs \
-		build/python
+	rm -rf build/obj build/obj-nofp build/stock/obj build/cross-aarch64 \
+		build/demo build/logs build/python build/python-nofp
 
 distclean:
 	rm -rf build dist

@@ -5,8 +5,10 @@ The tests that profile drive the real perf (perf record -g, perf script).
 Where perf cannot record they skip with the reason; with CI=true in the
 environment such a skip is a failure instead, because CI can record."""
 
+import glob
 import os
 import re
+import struct
 import shutil
 import subprocess
 import sys
@@ -96,27 +98,104 @@ def require_perf(test):
     test.skipTest(_perf_reason)
 
 
-def perf_stacks(script, *py_args, env=None, frequency=999):
+def perf_stacks(script, *py_args, env=None, frequency=999, dwarf=False,
+                inject=False, python=sys.executable):
     """Profile script under `perf record -g`; return the sampled stacks as
-    lists of symbol names, innermost first, and the script's stdout."""
+    lists of symbol names, innermost first, and the script's stdout.
+
+    With dwarf, perf unwinds with DWARF call frame information
+    (--call-graph dwarf); with inject, `perf inject --jit` reads the
+    jitdump first, as a user of -X perf_jit does."""
     with tempfile.TemporaryDirectory() as tmp:
         script_file = os.path.join(tmp, "script.py")
         with open(script_file, "w") as f:
             f.write(textwrap.dedent(script))
         data = os.path.join(tmp, "perf.data")
-        rec = subprocess.run(
-            ["perf", "record", "-F", str(frequency), "-g", "-o", data, "--",
-             sys.executable, *py_args, script_file],
-            capture_output=True, text=True,
-            env=env if env is not None else clean_env())
-        if rec.returncode != 0:
-            raise AssertionError(f"perf record failed: {rec.stderr}")
-        rep = subprocess.run(
-            ["perf", "script", "-F", "comm,pid,ip,sym", "-i", data],
-            capture_output=True, text=True, errors="replace")
+        unwinding = ["--call-graph", "dwarf", "-k", "1"] if dwarf else []
+        jit_files = set(glob.glob("/tmp/jit*-*"))
+        try:
+            rec = subprocess.run(
+                ["perf", "record", "-F", str(frequency), "-g", *unwinding,
+                 "-o", data, "--", python, *py_args, script_file],
+                capture_output=True, text=True,
+                env=env if env is not None else clean_env())
+            if rec.returncode != 0:
+                raise AssertionError(f"perf record failed: {rec.stderr}")
+            if inject:
+                data = inject_jit(data)
+            rep = subprocess.run(
+                ["perf", "script", "-F", "comm,pid,ip,sym", "-i", data],
+                capture_output=True, text=True, errors="replace")
+        finally:
+            # The jitdump and perf inject's ELF files, one per trampoline.
+            for path in set(glob.glob("/tmp/jit*-*")) - jit_files:
+                os_helper.unlink(path)
         if rep.returncode != 0:
             raise AssertionError(f"perf script failed: {rep.stderr}")
     return parse_perf_script(rep.stdout), rec.stdout
+
+
+def inject_jit(data):
+    """perf inject --jit; returns the new data file.  perf inject writes
+    an ELF file per trampoline next to the jitdump (/tmp/jitted-*.so),
+    which perf script reads."""
+    injected = data + ".jit"
+    proc = subprocess.run(["perf", "inject", "--jit", "-i", data,
+                           "-o", injected], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"perf inject failed: {proc.stderr}")
+    return injected
+
+
+def remove_jit_files(pid):
+    """A perf_jit process's dump and perf inject's ELF files for it."""
+    os_helper.unlink(f"/tmp/jit-{pid}.dump")
+    for path in glob.glob(f"/tmp/jitted-{pid}-*.so"):
+        os_helper.unlink(path)
+
+
+JITDUMP_MAGIC = 0x4A695444
+JIT_CODE_LOAD = 0
+JIT_CODE_UNWINDING_INFO = 4
+
+
+def read_jitdump(pid):
+    """The header and records of /tmp/jit-<pid>.dump, checking the layout
+    of Linux's tools/perf/util/jitdump.h: a 40-byte header, then records
+    whose sizes add up to the file exactly; each code load comes after
+    the unwinding tables that describe it."""
+    with open(f"/tmp/jit-{pid}.dump", "rb") as f:
+        data = f.read()
+    (magic, version, header_size, elf_mach, _, dump_pid, _,
+     flags) = struct.unpack_from("=IIIIIIQQ", data)
+    header = {"magic": magic, "version": version, "size": header_size,
+              "elf_mach": elf_mach, "pid": dump_pid, "flags": flags}
+    loads = []
+    offset = header_size
+    unwinding = None
+    while offset < len(data):
+        kind, size, _ = struct.unpack_from("=IIQ", data, offset)
+        if size < 16 or offset + size > len(data):
+            raise AssertionError(f"record at {offset} has size {size}")
+        body = data[offset + 16:offset + size]
+        if kind == JIT_CODE_UNWINDING_INFO:
+            table_size, hdr_size, mapped = struct.unpack_from("=QQQ", body)
+            if 24 + table_size > len(body) or hdr_size >= table_size:
+                raise AssertionError(f"bad unwinding record at {offset}")
+            unwinding = body[24:24 + table_size]
+        elif kind == JIT_CODE_LOAD:
+            (load_pid, _, vma, addr, code_size,
+             index) = struct.unpack_from("=IIQQQQ", body)
+            name_end = body.index(b"\0", 40)
+            code = body[name_end + 1:]
+            if len(code) != code_size or vma != addr or unwinding is None:
+                raise AssertionError(f"bad code load at {offset}")
+            loads.append({"pid": load_pid, "addr": addr, "index": index,
+                          "name": body[40:name_end].decode(),
+                          "code": code, "unwinding": unwinding})
+            unwinding = None
+        offset += size
+    return header, loads
 
 
 def parse_perf_script(text):
@@ -658,6 +737,154 @@ class PerfMapTests(unittest.TestCase):
         """
         out, _ = self.run_checked(script)
         self.assertEqual(out.strip(), "refused")
+
+
+class PerfJitTests(unittest.TestCase):
+    """-X perf_jit: a jitdump that perf inject --jit turns into ELF files
+    with unwinding tables, for perf's DWARF unwinder."""
+
+    def run_checked(self, script, *args, env=None):
+        code, out, err = run_python(*args, script=script, env=env)
+        self.assertEqual(code, 0, err)
+        return out
+
+    def names(self, pid):
+        names = [":".join(load["name"].split(":")[:3])
+                 for load in read_jitdump(pid)[1]]
+        remove_jit_files(pid)
+        remove_map(pid)
+        return names
+
+    def test_chain_with_dwarf_unwinding(self):
+        require_perf(self)
+        stacks, _ = perf_stacks(SEED, "-X", "perf_jit", dwarf=True,
+                                inject=True)
+        chains = [py_frames(s) for s in stacks]
+        wanted = ["foo", "bar", "baz", "<module>"]
+        hits = [c for c in chains if c[:4] == wanted]
+        self.assertGreater(len(hits), len(stacks) // 4,
+                           f"few samples show {wanted}: {chains[:5]}")
+        # perf copies 8 KiB of stack per sample for DWARF unwinding, so
+        # deep stacks end early; but a trampoline is always called from C.
+        for stack in stacks:
+            for caller, callee in zip(stack[1:], stack):
+                if callee.startswith("py::"):
+                    self.assertFalse(caller.startswith("py::"), stack)
+
+    def test_dump_matches_the_live_trampolines(self):
+        script = """
+            import ctypes, os, sys
+            def probe(): return 1
+            probe()
+            sys.deactivate_stack_trampoline()   # writes the map out
+            with open(f"/tmp/perf-{os.getpid()}.map") as f:
+                for line in f:
+                    addr, size, name = line.split(" ", 2)
+                    addr, size = int(addr, 16), int(size, 16)
+                    print(addr, ctypes.string_at(addr, size).hex())
+            print(os.getpid())
+        """
+        out = self.run_checked(script, "-X", "perf_jit")
+        *lines, pid = out.split("\n")[:-1]
+        live = dict(line.split() for line in lines)
+        header, loads = read_jitdump(int(pid))
+        names = self.names(int(pid))
+        self.assertEqual(header["magic"], JITDUMP_MAGIC)
+        self.assertEqual((header["version"], header["size"]), (1, 40))
+        self.assertEqual(header["pid"], int(pid))
+        self.assertIn(header["elf_mach"], (62, 183))  # x86_64, aarch64
+        self.assertIn("py::probe", names)
+        self.assertEqual(len(loads), len(live))
+        self.assertEqual(len({load["index"] for load in loads}), len(loads))
+        for load in loads:
+            self.assertEqual(load["pid"], int(pid))
+            self.assertEqual(load["code"].hex(), live[str(load["addr"])])
+            # .eh_frame: a CIE (id 0) first.
+            self.assertEqual(load["unwinding"][4:8], b"\0\0\0\0")
+
+    def test_environment_variable_and_E(self):
+        script = """
+            import os, sys
+            def f(): return 1
+            f()
+            print(os.getpid(), sys.is_stack_trampoline_active(),
+                  os.path.exists(f"/tmp/jit-{os.getpid()}.dump"))
+        """
+        env = clean_env(PYTHON_PERF_JIT_SUPPORT="1")
+        pid, active, dump = self.run_checked(script, env=env).split()
+        self.assertEqual((active, dump), ("True", "True"))
+        self.assertIn("py::f", self.names(int(pid)))
+        pid, active, dump = self.run_checked(script, "-E", env=env).split()
+        self.assertEqual((active, dump), ("False", "False"))
+        remove_map(int(pid))
+
+    def test_switching_backends(self):
+        script = """
+            import os, sys
+            def before(): return 1
+            def during(): return 2
+            def after(): return 3
+            sys.activate_stack_trampoline("perf")
+            before()
+            sys.activate_stack_trampoline("perf_jit")
+            during()
+            sys.activate_stack_trampoline("perf")
+            after()
+            print(os.getpid())
+        """
+        pid = int(self.run_checked(script))
+        map_names = read_map(pid)
+        names = self.names(pid)
+        # A switch to perf_jit fills the dump from the map: "before" ran
+        # earlier but is named; after the switch back it gets no more.
+        self.assertIn("py::before", names)
+        self.assertIn("py::during", names)
+        self.assertNotIn("py::after", names)
+        self.assertTrue(any(n.startswith("py::after:") for n in map_names))
+
+    def test_fork_child_has_its_own_dump(self):
+        script = """
+            import os
+            def parent_side(): return 1
+            parent_side()
+            pid = os.fork()
+            if pid == 0:
+                def child_side(): return 2
+                child_side()
+                os._exit(0)
+            os.waitpid(pid, 0)
+            print(os.getpid(), pid)
+        """
+        parent, child = map(int, self.run_checked(script, "-X",
+                                                  "perf_jit").split())
+        child_header, child_loads = read_jitdump(child)
+        child_names = self.names(child)
+        parent_names = self.names(parent)
+        self.assertEqual(child_header["pid"], child)
+        self.assertEqual({load["pid"] for load in child_loads}, {child})
+        self.assertIn("py::parent_side", child_names)  # inherited
+        self.assertIn("py::child_side", child_names)
+        self.assertNotIn("py::child_side", parent_names)
+
+    def test_planted_symlink_refused(self):
+        script = """
+            import os, sys
+            path = f"/tmp/jit-{os.getpid()}.dump"
+            os.symlink("/nonexistent", path)
+            try:
+                sys.activate_stack_trampoline("perf_jit")
+            except OSError as exc:
+                print(exc)
+            finally:
+                os.unlink(path)
+            print(sys.is_stack_trampoline_active(), os.getpid())
+        """
+        message, result = self.run_checked(script).splitlines()
+        active, pid = result.split()
+        remove_map(int(pid))
+        self.assertIn("jitdump file /tmp/jit-", message)
+        self.assertIn("is a symbolic link", message)
+        self.assertEqual(active, "False")
 
 
 class DeferredLinesTests(unittest.TestCase):

@@ -9,6 +9,7 @@
 DRIVER := bash driver/cperf.sh
 PREFIX ?= /usr/local
 ROUNDS ?= 9
+BACKEND ?= perf
 export CPYTHON_SRC FRAME_POINTERS PREFIX
 
 .PHONY: all build demo test check-full bench docs stock cross nofp dist \
@@ -42,7 +43,7 @@ check-full: build stock
 bench: build stock
 	@build/obj/python Tools/perf/bench/bench.py --python build/python \
 		--stock build/stock/python --rounds $(ROUNDS) \
-		--json build/bench/results.json
+		--backend $(BACKEND) --json build/bench/results-$(BACKEND).json
 
 docs: build
 	@$(DRIVER) docs

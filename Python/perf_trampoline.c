@@ -747,11 +747,16 @@ write_map_line(const char *line, size_t len)
 #define FLUSH_DELAY_NS (1000 * 1000)
 #define FLUSHER_STACK_SIZE (64 * 1024)
 
+typedef struct {
+    char data[PENDING_BYTES];   /* whole entries */
+    size_t len;
+} pending_buffer;
+
 /* All fields are guarded by perf_map_lock. */
 static struct {
-    char buf[PENDING_BYTES];    /* whole lines */
-    size_t len;
-    struct timespec due;        /* when the oldest pending line is due */
+    pending_buffer map;         /* perf map lines */
+    pending_buffer jitdump;     /* jitdump records (perf_jit) */
+    struct timespec due;        /* when the oldest pending entry is due */
     int error;                  /* errno of a failed deferred write, or 0 */
     pthread_cond_t wakeup;      /* new lines, or the flusher must go */
     pthread_t flusher;
@@ -768,20 +773,34 @@ init_flusher_wakeup(void)
     pthread_condattr_destroy(&attr);
 }
 
+static int jitdump_append_locked(const char *buf, size_t len);
+
+static int
+nothing_pending(void)
+{
+    return pending.map.len == 0 && pending.jitdump.len == 0;
+}
+
+/* A failed write is reported by the next queue_map_line(), which turns
+   perf mode off: these trampolines stay nameless. */
 static void
 flush_pending_locked(void)
 {
-    if (pending.len == 0) {
-        return;
-    }
-    if (perf_map_ready_locked() < 0
-        || perf_map_append_locked(pending.buf, pending.len) < 0)
+    if (pending.map.len > 0
+        && (perf_map_ready_locked() < 0
+            || perf_map_append_locked(pending.map.data,
+                                      pending.map.len) < 0))
     {
-        /* Reported by the next queue_map_line(), which turns perf mode
-           off: these trampolines stay nameless. */
         pending.error = errno;
     }
-    pending.len = 0;
+    pending.map.len = 0;
+    if (pending.jitdump.len > 0
+        && jitdump_append_locked(pending.jitdump.data,
+                                 pending.jitdump.len) < 0)
+    {
+        pending.error = errno;
+    }
+    pending.jitdump.len = 0;
 }
 
 static void
@@ -804,7 +823,7 @@ flusher_main(void *Py_UNUSED(arg))
 {
     pthread_mutex_lock(&perf_map_lock);
     while (is_designated_flusher()) {
-        if (pending.len == 0) {
+        if (nothing_pending()) {
             pthread_cond_wait(&pending.wakeup, &perf_map_lock);
         }
         else if (pthread_cond_timedwait(&pending.wakeup, &perf_map_lock,
@@ -882,6 +901,33 @@ fork_child(void)
     pthread_mutex_unlock(&perf_map_lock);
 }
 
+/* Buffer whole entries (at most PENDING_BYTES) for the flusher to write;
+   with no flusher, write them at once with write_now.  Caller holds
+   perf_map_lock. */
+static int
+defer_entries_locked(pending_buffer *buffer, const char *data, size_t len,
+                     int (*write_now)(const char *, size_t))
+{
+    if (start_flusher_locked() < 0) {
+        return write_now(data, len);
+    }
+    if (buffer->len + len > PENDING_BYTES) {
+        flush_pending_locked();
+    }
+    if (nothing_pending()) {
+        clock_gettime(CLOCK_MONOTONIC, &pending.due);
+        pending.due.tv_nsec += FLUSH_DELAY_NS;
+        if (pending.due.tv_nsec >= 1000000000) {
+            pending.due.tv_sec++;
+            pending.due.tv_nsec -= 1000000000;
+        }
+        pthread_cond_broadcast(&pending.wakeup);
+    }
+    memcpy(buffer->data + buffer->len, data, len);
+    buffer->len += len;
+    return 0;
+}
+
 /* Queue one of perf mode's own lines.  Returns -1 with errno set if the
    map cannot be written (now, or by an earlier deferred write). */
 static int
@@ -897,24 +943,9 @@ queue_map_line(const char *line, size_t len)
     else if (perf_map_ready_locked() < 0) {
         res = -1;
     }
-    else if (start_flusher_locked() < 0) {
-        res = perf_map_append_locked(line, len);
-    }
     else {
-        if (pending.len + len > PENDING_BYTES) {
-            flush_pending_locked();
-        }
-        if (pending.len == 0) {
-            clock_gettime(CLOCK_MONOTONIC, &pending.due);
-            pending.due.tv_nsec += FLUSH_DELAY_NS;
-            if (pending.due.tv_nsec >= 1000000000) {
-                pending.due.tv_sec++;
-                pending.due.tv_nsec -= 1000000000;
-            }
-            pthread_cond_broadcast(&pending.wakeup);
-        }
-        memcpy(pending.buf + pending.len, line, len);
-        pending.len += len;
+        res = defer_entries_locked(&pending.map, line, len,
+                                   perf_map_append_locked);
     }
     perf_map_unlock();
     return res;
@@ -1334,7 +1365,7 @@ build_unwind_tables(void)
 }
 
 static int
-jitdump_append_locked(const void *buf, size_t len)
+jitdump_append_locked(const char *buf, size_t len)
 {
     return append_entries(jitdump.fd, &jitdump.size, buf, len);
 }
@@ -1342,6 +1373,7 @@ jitdump_append_locked(const void *buf, size_t len)
 static void
 jitdump_close_locked(void)
 {
+    flush_pending_locked();
     if (jitdump.marker != NULL) {
         munmap(jitdump.marker, jitdump.marker_size);
         jitdump.marker = NULL;
@@ -1386,7 +1418,8 @@ jitdump_open_locked(void)
             .pid = (uint32_t)pid,
             .timestamp = monotonic_ns(),
         };
-        if (jitdump_append_locked(&header, sizeof(header)) < 0) {
+        if (jitdump_append_locked((const char *)&header,
+                                  sizeof(header)) < 0) {
             jitdump_close_locked();
             return -1;
         }
@@ -1444,7 +1477,8 @@ jitdump_add_locked(uintptr_t addr, const char *name, size_t name_len)
     p += name_len + 1;
     /* The trampoline holds a copy of the template. */
     memcpy(p, _Py_trampoline_func_start, template_size());
-    if (jitdump_append_locked(buf, unwinding_len + load_len) < 0) {
+    if (defer_entries_locked(&pending.jitdump, buf, unwinding_len + load_len,
+                             jitdump_append_locked) < 0) {
         return -1;
     }
     jitdump.next_index++;

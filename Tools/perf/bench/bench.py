@@ -10,7 +10,8 @@ stock build (the cost of merely carrying the patch).  Writes the numbers
 as JSON as well.
 
 Usage: python bench.py --python build/python [--stock build/stock/python]
-                       [--rounds 7] [--json FILE] [WORKLOAD ...]"""
+                       [--backend perf|perf_jit] [--rounds 7] [--json FILE]
+                       [WORKLOAD ...]"""
 
 import argparse
 import json
@@ -25,7 +26,6 @@ RUN_ONE = os.path.join(HERE, "run_one.py")
 WORKLOADS = ["calls", "methods", "generators", "loops", "codeobjects",
              "imports"]
 CALLGRIND_WORKLOADS = ["calls", "methods"]
-PERF_ARGS = ["-X", "perf"]
 
 
 def clean_env():
@@ -36,12 +36,14 @@ def clean_env():
     return env
 
 
-def remove_perf_map(pid):
-    """A -X perf run leaves its map behind, as it should; keep /tmp tidy."""
-    try:
-        os.unlink(f"/tmp/perf-{pid}.map")
-    except FileNotFoundError:
-        pass
+def remove_perf_files(pid):
+    """A perf mode run leaves its map (and jitdump) behind, as it should;
+    keep /tmp tidy."""
+    for path in (f"/tmp/perf-{pid}.map", f"/tmp/jit-{pid}.dump"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def time_once(python, args, workload):
@@ -50,20 +52,20 @@ def time_once(python, args, workload):
     proc = subprocess.Popen([python, *args, RUN_ONE, workload],
                             stdout=subprocess.PIPE, text=True, env=clean_env())
     out, _ = proc.communicate()
-    remove_perf_map(proc.pid)
+    remove_perf_files(proc.pid)
     if proc.returncode != 0:
         raise RuntimeError(f"{workload} failed under {python} {args}")
     return float(out.split()[-1])
 
 
-def measure_ratios(python, workloads, rounds):
+def measure_ratios(python, workloads, rounds, perf_args):
     results = {}
     for workload in workloads:
         time_once(python, [], workload)  # warm caches (.pyc files, disk)
         off, on = [], []
         for i in range(rounds):
             # Swap the order every round so neither mode always runs first.
-            pair = [(off, []), (on, PERF_ARGS)]
+            pair = [(off, []), (on, perf_args)]
             for times, args in (pair if i % 2 == 0 else pair[::-1]):
                 times.append(time_once(python, args, workload))
         results[workload] = {
@@ -86,18 +88,18 @@ def instructions(python, workload, args=()):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=clean_env())
     _, stderr = proc.communicate()
-    remove_perf_map(proc.pid)
+    remove_perf_files(proc.pid)
     match = re.search(r"Collected : (\d+)", stderr)
     if proc.returncode != 0 or match is None:
         raise RuntimeError(f"callgrind failed on {workload}:\n{stderr}")
     return int(match.group(1))
 
 
-def measure_perf_instructions(python, workloads):
+def measure_perf_instructions(python, workloads, perf_args):
     results = {}
     for workload in workloads:
         off = instructions(python, workload)
-        on = instructions(python, workload, PERF_ARGS)
+        on = instructions(python, workload, perf_args)
         results[workload] = {"off": off, "on": on, "ratio": on / off}
         print(f"  {workload:12} off {off:>14,}  on {on:>14,}  "
               f"ratio {on / off:.3f}", flush=True)
@@ -121,6 +123,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", required=True)
     parser.add_argument("--stock")
+    parser.add_argument("--backend", choices=["perf", "perf_jit"],
+                        default="perf")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--json")
     parser.add_argument("--no-callgrind", dest="callgrind",
@@ -129,15 +133,17 @@ def main():
     parser.add_argument("workloads", nargs="*", default=WORKLOADS)
     args = parser.parse_args()
 
-    report = {"python": args.python, "rounds": args.rounds}
-    print(f"-X perf vs off, {args.python}, median of {args.rounds} "
-          "alternating runs:")
+    perf_args = ["-X", args.backend]
+    report = {"python": args.python, "rounds": args.rounds,
+              "backend": args.backend}
+    print(f"-X {args.backend} vs off, {args.python}, median of "
+          f"{args.rounds} alternating runs:")
     report["ratios"] = measure_ratios(args.python, args.workloads,
-                                      args.rounds)
+                                      args.rounds, perf_args)
     if args.callgrind:
-        print("instructions (callgrind), -X perf vs off:")
+        print(f"instructions (callgrind), -X {args.backend} vs off:")
         report["perf_instructions"] = measure_perf_instructions(
-            args.python, args.workloads)
+            args.python, args.workloads, perf_args)
     if args.stock and args.callgrind:
         print("instructions (callgrind), perf support off vs stock:")
         report["stock_instructions"] = measure_stock_instructions(

@@ -8,8 +8,13 @@ configuration and every test module and test case whose outcome differs
 from stock.  Logs, JUnit files and results.json go to build/check-full/.
 Exits 1 when any outcome differs.
 
-Usage: python driver/check_full.py [TEST ...]   (default: the whole suite)"""
+Usage: python driver/check_full.py [--only CONFIG ...] [TEST ...]
 
+The default is the whole suite in all three configurations; --only runs
+the named configurations again and takes the others from the last
+results.json (for example after a change that cannot affect stock)."""
+
+import argparse
 import glob
 import json
 import os
@@ -154,13 +159,23 @@ def report(results):
 
 
 def main():
-    tests = sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append",
+                        choices=[name for name, _, _ in CONFIGS])
+    parser.add_argument("tests", nargs="*")
+    args = parser.parse_args()
     os.makedirs(OUT, exist_ok=True)
-    maps_before = set(glob.glob("/tmp/perf-*.map"))
+    results_file = os.path.join(OUT, "results.json")
     results = {}
+    if args.only:
+        with open(results_file) as f:
+            results = json.load(f)
+    maps_before = set(glob.glob("/tmp/perf-*.map"))
     try:
         for name, python, extra_env in CONFIGS:
-            results[name] = run_config(name, python, extra_env, tests)
+            if not args.only or name in args.only:
+                results[name] = run_config(name, python, extra_env,
+                                           args.tests)
     finally:
         # Every process started with PYTHONPERFSUPPORT=1 left its map.
         for path in set(glob.glob("/tmp/perf-*.map")) - maps_before:
@@ -168,7 +183,7 @@ def main():
                 os.unlink(path)
             except OSError:
                 pass
-    with open(os.path.join(OUT, "results.json"), "w") as f:
+    with open(results_file, "w") as f:
         json.dump(results, f, indent=1, sort_keys=True)
     return 1 if report(results) else 0
 

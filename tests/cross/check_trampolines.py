@@ -144,6 +144,69 @@ def check_deactivated():
           + " <- ".join(chain))
 
 
+# Per machine: ELF machine number, DWARF code alignment and return
+# address column of the template's call frame information.
+JITDUMP_MACHINE = {"x86_64": (62, 1, 16), "aarch64": (183, 4, 30)}
+
+
+def number(data, offset, size):
+    """A native-endian unsigned integer (the embedded interpreter has no
+    _struct module)."""
+    return int.from_bytes(data[offset:offset + size], sys.byteorder)
+
+
+def read_jitdump():
+    """The header's magic and machine, and [(name, code, unwinding)]."""
+    with open(f"/tmp/jit-{os.getpid()}.dump", "rb") as f:
+        data = f.read()
+    header = (number(data, 0, 4), number(data, 12, 4))
+    offset, loads, tables, short = number(data, 8, 4), [], None, 0
+    while offset < len(data):
+        kind, size = number(data, offset, 4), number(data, offset + 4, 4)
+        body = data[offset + 16:offset + size]
+        if kind == 4:       # unwinding information
+            tables = body[24:24 + number(body, 0, 8)]
+        elif kind == 0:     # code load
+            code_size = number(body, 24, 8)
+            name_end = body.index(b"\0", 40)
+            loads.append((body[40:name_end].decode(), body[name_end + 1:],
+                           tables))
+            short += len(body) - name_end - 1 != code_size
+        offset += size
+    check(offset == len(data) and not short,
+          f"{len(loads)} jitdump code loads fill the file exactly, each "
+          f"with its code")
+    return header, loads
+
+
+def check_perf_jit():
+    sys.activate_stack_trampoline("perf_jit")
+
+    def jitted():
+        return 42
+
+    check(jitted() == 42, "perf_jit: a call returns through its trampoline")
+    sys.deactivate_stack_trampoline()   # writes pending records out
+    header, loads = read_jitdump()
+    machine, code_align, return_column = JITDUMP_MACHINE[os.uname().machine]
+    check(header == (0x4A695444, machine),
+          f"jitdump header for ELF machine {header[1]}")
+    mine = [load for load in loads if ".jitted:" in load[0]]
+    check(len(mine) == 1, f"one code load for jitted ({len(mine)})")
+    if not mine:
+        return
+    _, code, tables = mine[0]
+    check(len({load[1] for load in loads}) == 1,
+          f"every code load holds the {len(code)}-byte template")
+    # The CIE: length, id 0, version 1, "zR", then code alignment, data
+    # alignment (-8) and the return address column.
+    cie = tables[4:16]
+    check(cie[:8] == b"\0\0\0\0\x01zR\0"
+          and cie[8] == code_align and cie[9] == 0x78
+          and cie[10] == return_column,
+          f"unwinding tables describe this machine's frame ({cie.hex()})")
+
+
 def main():
     print(f"machine {os.uname().machine}", flush=True)
     check(sys.is_stack_trampoline_active(), "perf mode active")
@@ -152,7 +215,9 @@ def main():
     check_map(entries)
     check_chain()
     check_deactivated()
+    check_perf_jit()
     os.unlink(f"/tmp/perf-{os.getpid()}.map")
+    os.unlink(f"/tmp/jit-{os.getpid()}.dump")
     print(f"{len(failures)} failed", flush=True)
     return 1 if failures else 0
 

@@ -176,6 +176,10 @@ def main():
             if not args.only or name in args.only:
                 results[name] = run_config(name, python, extra_env,
                                            args.tests)
+                # Kept after each configuration: a later one may be
+                # interrupted, and --only reuses what is there.
+                with open(results_file, "w") as f:
+                    json.dump(results, f, indent=1, sort_keys=True)
     finally:
         # Every process started with PYTHONPERFSUPPORT=1 left its map.
         for path in set(glob.glob("/tmp/perf-*.map")) - maps_before:
@@ -183,8 +187,6 @@ def main():
                 os.unlink(path)
             except OSError:
                 pass
-    with open(results_file, "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
     return 1 if report(results) else 0
 
 

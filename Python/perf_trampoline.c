@@ -349,10 +349,11 @@ check_output_file(int fd, const char **refusal)
 }
 
 /* Open one of our files in /tmp (the perf map, the jitdump) for appending,
-   emptied unless keep is set.  Returns the descriptor, or -1 with errno
-   (and maybe *refusal) set. */
+   emptied unless keep is set, and tell its size.  Returns the descriptor,
+   or -1 with errno (and maybe *refusal) set. */
 static int
-open_output_file(const char *path, int keep, const char **refusal)
+open_output_file(const char *path, int keep, const char **refusal,
+                 off_t *size)
 {
     *refusal = NULL;
     /* O_NOFOLLOW: never write through a planted symlink.  O_NONBLOCK: a
@@ -367,13 +368,16 @@ open_output_file(const char *path, int keep, const char **refusal)
         }
         return -1;
     }
+    struct stat st;
     if (check_output_file(fd, refusal) < 0
         || fcntl(fd, F_SETFL, O_APPEND) < 0
-        || (!keep && ftruncate(fd, 0) < 0))
+        || (!keep && ftruncate(fd, 0) < 0)
+        || fstat(fd, &st) < 0)
     {
         close_keeping_errno(fd);
         return -1;
     }
+    *size = st.st_size;
     return fd;
 }
 
@@ -388,18 +392,12 @@ perf_map_open_locked(void)
     pid_t pid = current_pid();
     perf_map_path(path, sizeof(path), pid);
     int fd = open_output_file(path, perf_map.owner == pid,
-                              &perf_map.refusal);
+                              &perf_map.refusal, &perf_map.size);
     if (fd < 0) {
-        return -1;
-    }
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        close_keeping_errno(fd);
         return -1;
     }
     perf_map.fd = fd;
     perf_map.owner = pid;
-    perf_map.size = st.st_size;
     return 0;
 }
 
@@ -1397,18 +1395,13 @@ jitdump_open_locked(void)
         return -1;
     }
     jitdump_path(path, sizeof(path), pid);
-    int fd = open_output_file(path, jitdump.owner == pid, &jitdump.refusal);
+    int fd = open_output_file(path, jitdump.owner == pid, &jitdump.refusal,
+                              &jitdump.size);
     if (fd < 0) {
-        return -1;
-    }
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        close_keeping_errno(fd);
         return -1;
     }
     jitdump.fd = fd;
     jitdump.owner = pid;
-    jitdump.size = st.st_size;
     if (jitdump.size == 0) {
         jitdump_header header = {
             .magic = JITDUMP_MAGIC,

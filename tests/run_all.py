@@ -3,7 +3,8 @@
 Runs, and counts test cases of:
   1. the driver's own tests (tests/test_*.py: patches, dist, ABI, builds);
   2. Lib/test/test_perf_profiler.py and the CPython regression tests the
-     patch touches, once as they are and once with PYTHONPERFSUPPORT=1.
+     patch touches, as they are, with PYTHONPERFSUPPORT=1 and with
+     PYTHON_PERF_JIT_SUPPORT=1.
 Ends with the line "N passed, N failed, N skipped"; exits non-zero when
 anything failed."""
 
@@ -82,21 +83,25 @@ def run_cpython_tests(tally, label, extra_env):
     tally.add(label, passed, failed, skipped)
 
 
-def perf_maps():
-    return set(glob.glob("/tmp/perf-*.map"))
+def perf_files():
+    """Maps and jitdumps: every process started with perf support on
+    leaves its own."""
+    return set(glob.glob("/tmp/perf-*.map") + glob.glob("/tmp/jit-*.dump"))
 
 
 def main():
     tally = Tally()
-    maps_before = perf_maps()
+    files_before = perf_files()
     try:
         run_driver_tests(tally)
         run_cpython_tests(tally, "CPython tests", {})
         run_cpython_tests(tally, "CPython tests with PYTHONPERFSUPPORT=1",
                           {"PYTHONPERFSUPPORT": "1"})
+        run_cpython_tests(tally,
+                          "CPython tests with PYTHON_PERF_JIT_SUPPORT=1",
+                          {"PYTHON_PERF_JIT_SUPPORT": "1"})
     finally:
-        # Every process started with PYTHONPERFSUPPORT=1 left its map.
-        for path in perf_maps() - maps_before:
+        for path in perf_files() - files_before:
             try:
                 os.unlink(path)
             except OSError:

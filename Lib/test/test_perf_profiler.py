@@ -862,6 +862,27 @@ class PerfJitTests(unittest.TestCase):
         self.assertIn("py::child_side", child_names)
         self.assertNotIn("py::child_side", parent_names)
 
+    def test_startup_failure_warns_and_runs(self):
+        # As PerfMapTests' test: a symlink planted at the dump's path of
+        # the pid that the exec'd interpreter keeps.
+        script = """
+            import os, sys
+            os.symlink("/nonexistent", f"/tmp/jit-{os.getpid()}.dump")
+            print(os.getpid(), flush=True)
+            os.execv(sys.executable, [sys.executable, "-X", "perf_jit", "-c",
+                     "import sys; print('ran', sys.is_stack_trampoline_active())"])
+        """
+        code, out, err = run_python(script=script)
+        pid, ran = out.splitlines()
+        os_helper.unlink(f"/tmp/jit-{pid}.dump")
+        remove_map(pid)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(ran, "ran False")
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn("perf support disabled", err)
+        self.assertIn("jitdump file", err)
+        self.assertIn("symbolic link", err)
+
     def test_planted_symlink_refused(self):
         script = """
             import os, sys

@@ -1689,6 +1689,22 @@ use_code_extra_index(PyInterpreterState *interp)
     return index;
 }
 
+/* _PyCode_SetExtra() sizes a new block for every index requested so far,
+   and code_dealloc() calls the free function of every index in the block,
+   also for empty slots.  Perf mode gives nearly every code object a
+   block, so other users' free functions would run for code objects they
+   never touched (test_code's, a Python function, crashed at
+   finalization).  A block we create holds no slot past ours; a later
+   _PyCode_SetExtra() for a higher index grows it again. */
+static void
+trim_code_extra(PyCodeObject *co, Py_ssize_t index)
+{
+    code_extra_block *extra = (code_extra_block *)co->co_extra;
+    if (extra->ce_size > index + 1) {
+        extra->ce_size = index + 1;
+    }
+}
+
 /* Give a code object its trampoline.  Returns NULL with an exception. */
 static py_trampoline
 compile_trampoline(PyCodeObject *co, Py_ssize_t index)
@@ -1701,12 +1717,16 @@ compile_trampoline(PyCodeObject *co, Py_ssize_t index)
     if (announce_trampoline(code, co) < 0) {
         return NULL;
     }
+    int new_block = (co->co_extra == NULL);
     if (_PyCode_SetExtra((PyObject *)co, index, (void *)code) < 0) {
         return NULL;
     }
     if (read_trampoline(co, index) != code) {
         fast.layout_broken = 1;
         fast.interp = NULL;
+    }
+    else if (new_block) {
+        trim_code_extra(co, index);
     }
     return code;
 }

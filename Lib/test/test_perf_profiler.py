@@ -719,6 +719,30 @@ class PerfMapTests(unittest.TestCase):
         remove_map(int(out))
         self.assertTrue(any(n.startswith("py::in_sub_x:") for n in names))
 
+    def test_other_code_extra_users_untouched(self):
+        # CPython calls every index's free function when a code object
+        # with a co_extra block dies, also for empty slots.  Perf mode's
+        # blocks must not make another user's free function run for code
+        # objects it never touched (test_code's crashed at finalization).
+        script = """
+            import ctypes, gc
+            calls = []
+            freefunc = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+            free = freefunc(calls.append)
+            request = ctypes.pythonapi._PyEval_RequestCodeExtraIndex
+            request.argtypes = (freefunc,)
+            request.restype = ctypes.c_ssize_t
+            index = request(free)
+            for i in range(100):
+                exec(f"def fresh{i}(): return {i}\\nfresh{i}()", {})
+            gc.collect()
+            print(index, len(calls))
+        """
+        out, _ = self.run_checked(script, "-X", "perf")
+        index, calls = map(int, out.split())
+        self.assertGreater(index, 0)    # perf mode's index came first
+        self.assertEqual(calls, 0)
+
     def test_custom_eval_frame_refused(self):
         script = """
             import _testinternalcapi, sys

@@ -738,11 +738,13 @@ write_map_line(const char *line, size_t len)
    still gets every line into its map within that delay.  The buffer is
    also written when full, before fork(), at exit(), os._exit() and
    finalization, and when perf mode is turned off, so only a crash or
-   SIGKILL can lose the lines of the last millisecond.  Lines of the
+   SIGKILL can lose the lines of the last 10 ms.  (A 1 ms delay made
+   imports slower than writing at once: a wakeup and a lock handover per
+   millisecond of new code.)  Lines of the
    PyUnstable API go out at once, as in CPython 3.12. */
 
 #define PENDING_BYTES (64 * 1024)
-#define FLUSH_DELAY_NS (1000 * 1000)
+#define FLUSH_DELAY_NS (10 * 1000 * 1000)
 #define FLUSHER_STACK_SIZE (64 * 1024)
 
 typedef struct {
@@ -1734,6 +1736,10 @@ compile_trampoline(PyCodeObject *co, Py_ssize_t index)
 static PyObject *py_trampoline_evaluator(PyThreadState *, _PyInterpreterFrame *,
                                          int);
 
+/* Set once a failure has turned perf mode off with a warning: lines still
+   buffered then may fail to be written too, and one warning is enough. */
+static int failure_reported;
+
 /* A trampoline could not be made while running: turn perf mode off in this
    interpreter with one warning and carry on with the default evaluator. */
 static void
@@ -1746,6 +1752,7 @@ disable_after_failure(PyThreadState *tstate)
     fprintf(stderr, "python: perf support disabled: %s\n",
             text ? text : "cannot create a trampoline");
     fflush(stderr);
+    failure_reported = 1;
     PyErr_Clear();
     Py_XDECREF(msg);
     Py_XDECREF(type);
@@ -1935,7 +1942,7 @@ warn_if_lines_lost(void)
     int err = pending.error;
     pending.error = 0;
     perf_map_unlock();
-    if (err != 0) {
+    if (err != 0 && !failure_reported) {
         char path[64];
         perf_map_path(path, sizeof(path), current_pid());
         fprintf(stderr, "python: perf support disabled: cannot write %s: "

@@ -738,9 +738,9 @@ write_map_line(const char *line, size_t len)
    still gets every line into its map within that delay.  The buffer is
    also written when full, before fork(), at exit(), os._exit() and
    finalization, and when perf mode is turned off, so only a crash or
-   SIGKILL can lose the lines of the last 10 ms.  (A 1 ms delay made
-   imports slower than writing at once: a wakeup and a lock handover per
-   millisecond of new code.)  Lines of the
+   SIGKILL can lose the lines of the last 10 ms.  (With 1 ms, an import
+   burst cost ten times the context switches: a wakeup and a lock
+   handover per millisecond of new code.)  Lines of the
    PyUnstable API go out at once, as in CPython 3.12. */
 
 #define PENDING_BYTES (64 * 1024)

@@ -750,6 +750,7 @@ write_map_line(const char *line, size_t len)
 typedef struct {
     char data[PENDING_BYTES];   /* whole entries */
     size_t len;
+    int error;                  /* errno of a failed write of them, or 0 */
 } pending_buffer;
 
 /* All fields are guarded by perf_map_lock. */
@@ -757,7 +758,6 @@ static struct {
     pending_buffer map;         /* perf map lines */
     pending_buffer jitdump;     /* jitdump records (perf_jit) */
     struct timespec due;        /* when the oldest pending entry is due */
-    int error;                  /* errno of a failed deferred write, or 0 */
     pthread_cond_t wakeup;      /* new lines, or the flusher must go */
     pthread_t flusher;
     pid_t flusher_owner;        /* the process it runs in; 0: none */
@@ -781,8 +781,9 @@ nothing_pending(void)
     return pending.map.len == 0 && pending.jitdump.len == 0;
 }
 
-/* A failed write is reported by the next queue_map_line(), which turns
-   perf mode off: these trampolines stay nameless. */
+/* A failed write is kept with its buffer and reported by the next
+   trampoline made (or at finalization), which turns perf mode off: these
+   trampolines stay nameless. */
 static void
 flush_pending_locked(void)
 {
@@ -791,16 +792,26 @@ flush_pending_locked(void)
             || perf_map_append_locked(pending.map.data,
                                       pending.map.len) < 0))
     {
-        pending.error = errno;
+        pending.map.error = errno;
     }
     pending.map.len = 0;
     if (pending.jitdump.len > 0
         && jitdump_append_locked(pending.jitdump.data,
                                  pending.jitdump.len) < 0)
     {
-        pending.error = errno;
+        pending.jitdump.error = errno;
     }
     pending.jitdump.len = 0;
+}
+
+/* A buffer's failed write, now reported: returns its errno (0 if none)
+   and forgets it. */
+static int
+take_error_locked(pending_buffer *buffer)
+{
+    int err = buffer->error;
+    buffer->error = 0;
+    return err;
 }
 
 static void
@@ -935,9 +946,9 @@ queue_map_line(const char *line, size_t len)
 {
     pthread_mutex_lock(&perf_map_lock);
     int res = 0;
-    if (pending.error != 0) {
-        errno = pending.error;
-        pending.error = 0;
+    int err = take_error_locked(&pending.map);
+    if (err != 0) {
+        errno = err;
         res = -1;
     }
     else if (perf_map_ready_locked() < 0) {
@@ -1552,7 +1563,12 @@ jitdump_add_line(const char *line, size_t len)
     pthread_mutex_lock(&perf_map_lock);
     int filled;
     int res = 0;
-    if (jitdump.wanted) {
+    int err = take_error_locked(&pending.jitdump);
+    if (err != 0) {
+        errno = err;
+        res = -1;
+    }
+    else if (jitdump.wanted) {
         res = jitdump_ready_locked(&filled);
         if (res == 0 && !filled) {
             const char *name;
@@ -1939,15 +1955,21 @@ static void
 warn_if_lines_lost(void)
 {
     pthread_mutex_lock(&perf_map_lock);
-    int err = pending.error;
-    pending.error = 0;
+    int map_err = take_error_locked(&pending.map);
+    int jitdump_err = take_error_locked(&pending.jitdump);
     perf_map_unlock();
-    if (err != 0 && !failure_reported) {
-        char path[64];
-        perf_map_path(path, sizeof(path), current_pid());
-        fprintf(stderr, "python: perf support disabled: cannot write %s: "
-                "%s\n", path, strerror(err));
+    if (failure_reported || (map_err == 0 && jitdump_err == 0)) {
+        return;
     }
+    char path[64];
+    if (map_err != 0) {
+        perf_map_path(path, sizeof(path), current_pid());
+    }
+    else {
+        jitdump_path(path, sizeof(path), current_pid());
+    }
+    fprintf(stderr, "python: perf support disabled: cannot write %s: %s\n",
+            path, strerror(map_err != 0 ? map_err : jitdump_err));
 }
 
 void

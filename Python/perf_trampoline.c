@@ -940,26 +940,21 @@ defer_entries_locked(pending_buffer *buffer, const char *data, size_t len,
 }
 
 /* Queue one of perf mode's own lines.  Returns -1 with errno set if the
-   map cannot be written (now, or by an earlier deferred write). */
+   map cannot be written (now, or by an earlier deferred write).  Caller
+   holds perf_map_lock. */
 static int
-queue_map_line(const char *line, size_t len)
+queue_map_line_locked(const char *line, size_t len)
 {
-    pthread_mutex_lock(&perf_map_lock);
-    int res = 0;
     int err = take_error_locked(&pending.map);
     if (err != 0) {
         errno = err;
-        res = -1;
+        return -1;
     }
-    else if (perf_map_ready_locked() < 0) {
-        res = -1;
+    if (perf_map_ready_locked() < 0) {
+        return -1;
     }
-    else {
-        res = defer_entries_locked(&pending.map, line, len,
-                                   perf_map_append_locked);
-    }
-    perf_map_unlock();
-    return res;
+    return defer_entries_locked(&pending.map, line, len,
+                                perf_map_append_locked);
 }
 
 /* Format the map line "<addr> <size> py::<qualname>:<filename>\n" for a
@@ -1556,31 +1551,29 @@ jitdump_ready_locked(int *filled)
 }
 
 /* Add a map line just queued to the dump, when perf_jit is the backend.
-   Returns -1 with errno set on failure. */
+   Returns -1 with errno set on failure.  Caller holds perf_map_lock. */
 static int
-jitdump_add_line(const char *line, size_t len)
+jitdump_add_line_locked(const char *line, size_t len)
 {
-    pthread_mutex_lock(&perf_map_lock);
-    int filled;
-    int res = 0;
     int err = take_error_locked(&pending.jitdump);
     if (err != 0) {
         errno = err;
-        res = -1;
+        return -1;
     }
-    else if (jitdump.wanted) {
-        res = jitdump_ready_locked(&filled);
-        if (res == 0 && !filled) {
-            const char *name;
-            size_t name_len;
-            uintptr_t addr = parse_own_line(line, len - 1, &name, &name_len);
-            if (addr != 0) {
-                res = jitdump_add_locked(addr, name, name_len);
-            }
-        }
+    if (!jitdump.wanted) {
+        return 0;
     }
-    perf_map_unlock();
-    return res;
+    int filled;
+    if (jitdump_ready_locked(&filled) < 0) {
+        return -1;
+    }
+    if (filled) {
+        return 0;   /* the new dump took the line from the map */
+    }
+    const char *name;
+    size_t name_len;
+    uintptr_t addr = parse_own_line(line, len - 1, &name, &name_len);
+    return addr != 0 ? jitdump_add_locked(addr, name, name_len) : 0;
 }
 
 /* Switch the dump on or off with the backend.  Returns -1 with an
@@ -1616,15 +1609,19 @@ announce_trampoline(py_trampoline code, PyCodeObject *co)
 {
     char line[MAX_LINE_BYTES];
     size_t len = format_code_line(line, code, co);
-    if (queue_map_line(line, len) < 0) {
+    pthread_mutex_lock(&perf_map_lock);
+    int map_failed = queue_map_line_locked(line, len) < 0;
+    int jitdump_failed = !map_failed && jitdump_add_line_locked(line, len) < 0;
+    perf_map_unlock();      /* keeps errno */
+    /* Exceptions only outside the lock: making one may run a finalizer,
+       and Python code may need the lock. */
+    if (map_failed) {
         set_map_error();
-        return -1;
     }
-    if (jitdump_add_line(line, len) < 0) {
+    else if (jitdump_failed) {
         set_jitdump_error();
-        return -1;
     }
-    return 0;
+    return (map_failed || jitdump_failed) ? -1 : 0;
 }
 
 

@@ -308,10 +308,9 @@ patched_obj() {
 
 # build/python for the frame-pointer build, build/python-nofp without.
 patched_python() {
-    case $(patched_obj) in
-        obj) echo python ;;
-        obj-nofp) echo python-nofp ;;
-    esac
+    local obj
+    obj=$(patched_obj)
+    echo "python${obj#obj}"
 }
 
 # configure_and_make SRC OBJ TARGET CFLAGS [CONFIGURE-ARG...]: out-of-tree

@@ -8,7 +8,7 @@
 
 DRIVER := bash driver/cperf.sh
 PREFIX ?= /usr/local
-ROUNDS ?= 9
+ROUNDS ?= 36
 BACKEND ?= perf
 export CPYTHON_SRC FRAME_POINTERS PREFIX
 

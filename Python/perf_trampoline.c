@@ -1815,6 +1815,22 @@ find_or_make_trampoline(PyThreadState *tstate, PyCodeObject *co)
 
 static __thread uintptr_t stack_limit = UINTPTR_MAX;
 
+/* Where this function's stack is: the stack pointer itself where it can
+   be read in one instruction, so that the hook needs no frame of its own. */
+static inline uintptr_t
+current_stack_address(void)
+{
+    uintptr_t sp;
+#if defined(__x86_64__)
+    __asm__("mov %%rsp, %0" : "=r"(sp));
+#elif defined(__aarch64__)
+    __asm__("mov %0, sp" : "=r"(sp));
+#else
+    sp = (uintptr_t)__builtin_frame_address(0);
+#endif
+    return sp;
+}
+
 static void
 find_stack_limit(void)
 {
@@ -1841,7 +1857,7 @@ evaluate_slow(PyThreadState *tstate, _PyInterpreterFrame *frame,
     if (stack_limit == UINTPTR_MAX) {
         find_stack_limit();
     }
-    if ((uintptr_t)__builtin_frame_address(0) <= stack_limit) {
+    if (current_stack_address() <= stack_limit) {
         PyErr_SetString(PyExc_RecursionError,
                         "maximum recursion depth exceeded: the C stack is "
                         "nearly full (perf mode uses a native frame per "
@@ -1863,7 +1879,7 @@ py_trampoline_evaluator(PyThreadState *tstate, _PyInterpreterFrame *frame,
                         int throwflag)
 {
     if (tstate->interp == fast.interp
-        && (uintptr_t)__builtin_frame_address(0) > stack_limit)
+        && current_stack_address() > stack_limit)
     {
         py_trampoline code = read_trampoline(frame->f_code, fast.index);
         if (code != NULL) {

@@ -1,17 +1,21 @@
 """Perf mode's cost: `-X perf` against off on one build, side by side.
 
-For each workload, runs alternate off / on (one fresh process each, the
-workload timing itself), and the table shows the median wall times and
-their ratio.  Wall time on a shared machine moves by a few percent from
-run to run, so callgrind also counts instructions, which do not: on vs off
-for every workload (user-space work only; the map file's write() calls are
-kernel time), and the patched build with perf support off against the
-stock build (the cost of merely carrying the patch).  Writes the numbers
-as JSON as well.
+For each workload, off and on runs alternate in pairs, and the table shows
+the median wall times of each mode and the median of the pairs' ratios.
+Wall time on this kind of shared machine swings by 10-20% over seconds, so
+the runs of a pair are kept close: most workloads run in a few processes
+(half of them started with -X perf, half without), each timing pairs of
+runs with perf mode toggled in between by sys.activate_stack_trampoline();
+a workload that can only run once per process (imports) alternates fresh
+processes instead.  Callgrind also counts instructions, which do not
+move: on vs off for every workload (user-space work only; the perf map's
+write() calls are kernel time), and the patched build with perf support
+off against the stock build (the cost of merely carrying the patch).
+Writes the numbers as JSON as well.
 
 Usage: python bench.py --python build/python [--stock build/stock/python]
-                       [--backend perf|perf_jit] [--rounds 7] [--json FILE]
-                       [WORKLOAD ...]"""
+                       [--backend perf|perf_jit] [--rounds 36]
+                       [--processes 6] [--json FILE] [WORKLOAD ...]"""
 
 import argparse
 import json
@@ -46,32 +50,63 @@ def remove_perf_files(pid):
             pass
 
 
-def time_once(python, args, workload):
+def run_one(python, args, workload, *options):
     # Address-space randomisation stays on: a fixed layout can be a slow
-    # one for one mode only, while random layouts average out over rounds.
-    proc = subprocess.Popen([python, *args, RUN_ONE, workload],
+    # one for one mode only, while random layouts average out over runs.
+    proc = subprocess.Popen([python, *args, RUN_ONE, workload, *options],
                             stdout=subprocess.PIPE, text=True, env=clean_env())
     out, _ = proc.communicate()
     remove_perf_files(proc.pid)
     if proc.returncode != 0:
         raise RuntimeError(f"{workload} failed under {python} {args}")
-    return float(out.split()[-1])
+    return json.loads(out)
 
 
-def measure_ratios(python, workloads, rounds, perf_args):
+def runs_once_per_process(workload):
+    sys.path.insert(0, os.path.join(HERE, "workloads"))
+    try:
+        return getattr(__import__(workload), "ONCE_PER_PROCESS", False)
+    finally:
+        del sys.path[0]
+
+
+def fresh_process_pairs(python, workload, rounds, perf_args):
+    run_one(python, [], workload)  # warm caches (.pyc files, disk)
+    off, on = [], []
+    for i in range(rounds):
+        # Swap the order every round so neither mode always runs first.
+        pair = [(off, []), (on, perf_args)]
+        for times, args in (pair if i % 2 == 0 else pair[::-1]):
+            times.append(run_one(python, args, workload)["once"])
+    return off, on
+
+
+def toggled_pairs(python, workload, rounds, processes, backend):
+    off, on = [], []
+    processes = min(processes, rounds)
+    for p in range(processes):
+        pairs = rounds // processes + (p < rounds % processes)
+        started_on = ["-X", backend] if p % 2 else []
+        times = run_one(python, started_on, workload, "--pairs", str(pairs),
+                        "--backend", backend)
+        off += times["off"]
+        on += times["on"]
+    return off, on
+
+
+def measure_ratios(python, workloads, rounds, processes, backend):
     results = {}
     for workload in workloads:
-        time_once(python, [], workload)  # warm caches (.pyc files, disk)
-        off, on = [], []
-        for i in range(rounds):
-            # Swap the order every round so neither mode always runs first.
-            pair = [(off, []), (on, perf_args)]
-            for times, args in (pair if i % 2 == 0 else pair[::-1]):
-                times.append(time_once(python, args, workload))
+        if runs_once_per_process(workload):
+            off, on = fresh_process_pairs(python, workload, rounds,
+                                          ["-X", backend])
+        else:
+            off, on = toggled_pairs(python, workload, rounds, processes,
+                                    backend)
         results[workload] = {
             "off_s": statistics.median(off),
             "on_s": statistics.median(on),
-            "ratio": statistics.median(on) / statistics.median(off),
+            "ratio": statistics.median(b / a for a, b in zip(off, on)),
             "off_runs": off,
             "on_runs": on,
         }
@@ -82,6 +117,7 @@ def measure_ratios(python, workloads, rounds, perf_args):
 
 
 def instructions(python, workload, args=()):
+    """Instructions of one process that runs the workload once."""
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
          python, *args, RUN_ONE, workload],
@@ -125,7 +161,10 @@ def main():
     parser.add_argument("--stock")
     parser.add_argument("--backend", choices=["perf", "perf_jit"],
                         default="perf")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=36,
+                        help="off/on pairs per workload")
+    parser.add_argument("--processes", type=int, default=6,
+                        help="processes the pairs are spread over")
     parser.add_argument("--json")
     parser.add_argument("--no-callgrind", dest="callgrind",
                         action="store_false",
@@ -135,11 +174,13 @@ def main():
 
     perf_args = ["-X", args.backend]
     report = {"python": args.python, "rounds": args.rounds,
-              "backend": args.backend}
-    print(f"-X {args.backend} vs off, {args.python}, median of "
-          f"{args.rounds} alternating runs:")
+              "processes": args.processes, "backend": args.backend}
+    print(f"-X {args.backend} vs off, {args.python}: medians of "
+          f"{args.rounds} off/on pairs in {args.processes} processes "
+          f"(imports: {args.rounds} pairs of fresh processes)")
     report["ratios"] = measure_ratios(args.python, args.workloads,
-                                      args.rounds, perf_args)
+                                      args.rounds, args.processes,
+                                      args.backend)
     if args.callgrind:
         print(f"instructions (callgrind), -X {args.backend} vs off:")
         report["perf_instructions"] = measure_perf_instructions(

@@ -630,6 +630,31 @@ put_utf8(name_writer *w, const char *s)
     }
 }
 
+/* How many bytes from s on, at most length, are printable ASCII (0x20 to
+   0x7e)?  s is ASCII.  Eight bytes are tested at a time: names are mostly
+   long file paths, and this loop is most of a map line's cost. */
+static Py_ssize_t
+printable_ascii_run(const Py_UCS1 *s, Py_ssize_t length)
+{
+    const uint64_t ones = 0x0101010101010101u, highs = 0x8080808080808080u;
+    Py_ssize_t n = 0;
+    while (length - n >= 8) {
+        uint64_t x;
+        memcpy(&x, s + n, 8);
+        /* A byte's high bit ends up set where it is below 0x20 or, once
+           xored with 0x7f, zero (DEL).  ASCII bytes have no high bit. */
+        uint64_t control = (x - 0x20 * ones) | ((x ^ 0x7f * ones) - ones);
+        if (control & highs) {
+            break;
+        }
+        n += 8;
+    }
+    while (n < length && s[n] >= 0x20 && s[n] != 0x7f) {
+        n++;
+    }
+    return n;
+}
+
 /* ASCII text, the common case, goes in runs: only its control
    characters need escaping. */
 static void
@@ -637,10 +662,7 @@ put_ascii(name_writer *w, const Py_UCS1 *s, Py_ssize_t length)
 {
     Py_ssize_t i = 0;
     while (i < length && !w->truncated) {
-        Py_ssize_t end = i;
-        while (end < length && s[end] >= 0x20 && s[end] != 0x7f) {
-            end++;
-        }
+        Py_ssize_t end = i + printable_ascii_run(s + i, length - i);
         size_t run = (size_t)(end - i);
         size_t room = w->limit - w->len;
         if (run > room) {
@@ -964,9 +986,9 @@ static size_t
 format_code_line(char *line, py_trampoline code, PyCodeObject *co)
 {
     name_writer w = start_entry(line, (const void *)code, template_size());
-    put_utf8(&w, "py::");
+    put_ascii(&w, (const Py_UCS1 *)"py::", 4);
     put_unicode(&w, co->co_qualname);
-    put_utf8(&w, ":");
+    put_ascii(&w, (const Py_UCS1 *)":", 1);
     put_unicode(&w, co->co_filename);
     return finish_entry(line, &w);
 }

@@ -414,6 +414,35 @@ class PerfMapTests(unittest.TestCase):
         self.assertLess(len(longest.encode()), 5000)
         self.assertTrue(longest.endswith("..."))
 
+    def test_escapes_at_every_offset(self):
+        # ASCII names are scanned eight bytes at a time: a control
+        # character must be found wherever it falls in a word, and the
+        # printable characters next to the control range (space, "~")
+        # must not be escaped.
+        script = r"""
+            import os, sys
+            sys.activate_stack_trampoline("perf")
+            def f():
+                pass
+            for offset in range(20):
+                for ch in ("\x00", "\x1f", "\x7f", " ", "~"):
+                    name = "a" * offset + ch + "b" * 19
+                    f.__code__ = f.__code__.replace(co_qualname=name)
+                    f()
+            print(os.getpid())
+        """
+        out, _ = self.run_checked(script)
+        pid = int(out)
+        qualnames = {name[len("py::"):].split(":")[0]
+                     for name in read_map(pid)}
+        remove_map(pid)
+        expected = set()
+        for offset in range(20):
+            for written in (r"\x00", r"\x1f", r"\x7f", " ", "~"):
+                expected.add("a" * offset + written + "b" * 19)
+        self.assertEqual({q for q in qualnames if q.endswith("b" * 19)},
+                         expected)
+
     def test_errors_match_3_12(self):
         script = """
             import sys

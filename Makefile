@@ -8,7 +8,7 @@
 
 DRIVER := bash driver/cperf.sh
 PREFIX ?= /usr/local
-ROUNDS ?= 36
+ROUNDS ?= 60
 BACKEND ?= perf
 export CPYTHON_SRC FRAME_POINTERS PREFIX
 

@@ -49,6 +49,9 @@ class BenchHarnessTests(unittest.TestCase):
                 result["ratio"],
                 statistics.median(b / a for a, b in zip(off, on)))
             self.assertEqual(result["off_s"], statistics.median(off))
+            low, high = result["ratio_95"]
+            self.assertLessEqual(low, result["ratio"])
+            self.assertLessEqual(result["ratio"], high)
 
     def test_toggled_pairs_run_in_perf_mode(self):
         # Started without -X perf, the process must turn perf mode on for

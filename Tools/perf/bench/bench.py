@@ -1,7 +1,8 @@
 """Perf mode's cost: `-X perf` against off on one build, side by side.
 
 For each workload, off and on runs alternate in pairs, and the table shows
-the median wall times of each mode and the median of the pairs' ratios.
+the median wall times of each mode, the median of the pairs' ratios and a
+95% bootstrap interval for that median.
 Wall time on this kind of shared machine swings by 10-20% over seconds, so
 the runs of a pair are kept close: most workloads run in a few processes
 (half of them started with -X perf, half without), each timing pairs of
@@ -14,12 +15,13 @@ off against the stock build (the cost of merely carrying the patch).
 Writes the numbers as JSON as well.
 
 Usage: python bench.py --python build/python [--stock build/stock/python]
-                       [--backend perf|perf_jit] [--rounds 36]
+                       [--backend perf|perf_jit] [--rounds 60]
                        [--processes 6] [--json FILE] [WORKLOAD ...]"""
 
 import argparse
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -94,6 +96,17 @@ def toggled_pairs(python, workload, rounds, processes, backend):
     return off, on
 
 
+def median_with_interval(values, resamples=2000):
+    """The median and a 95% bootstrap interval for it: how far the ratio
+    could move on a rerun, given the scatter of these pairs.  Seeded, so
+    the same runs always give the same interval."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values)))
+                     for _ in range(resamples))
+    return (statistics.median(values), medians[int(0.025 * resamples)],
+            medians[int(0.975 * resamples) - 1])
+
+
 def measure_ratios(python, workloads, rounds, processes, backend):
     results = {}
     for workload in workloads:
@@ -103,16 +116,20 @@ def measure_ratios(python, workloads, rounds, processes, backend):
         else:
             off, on = toggled_pairs(python, workload, rounds, processes,
                                     backend)
+        ratio, low, high = median_with_interval(
+            [b / a for a, b in zip(off, on)])
         results[workload] = {
             "off_s": statistics.median(off),
             "on_s": statistics.median(on),
-            "ratio": statistics.median(b / a for a, b in zip(off, on)),
+            "ratio": ratio,
+            "ratio_95": [low, high],
             "off_runs": off,
             "on_runs": on,
         }
         r = results[workload]
         print(f"  {workload:12} off {r['off_s']:8.4f}s  on {r['on_s']:8.4f}s"
-              f"  ratio {r['ratio']:.3f}", flush=True)
+              f"  ratio {ratio:.3f}  (95%: {low:.3f}-{high:.3f})",
+              flush=True)
     return results
 
 
@@ -161,7 +178,7 @@ def main():
     parser.add_argument("--stock")
     parser.add_argument("--backend", choices=["perf", "perf_jit"],
                         default="perf")
-    parser.add_argument("--rounds", type=int, default=36,
+    parser.add_argument("--rounds", type=int, default=60,
                         help="off/on pairs per workload")
     parser.add_argument("--processes", type=int, default=6,
                         help="processes the pairs are spread over")

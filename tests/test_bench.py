@@ -42,16 +42,20 @@ class BenchHarnessTests(unittest.TestCase):
         self.assertIn("imports ", proc.stdout)
         for workload in ("calls", "imports"):
             result = report["ratios"][workload]
-            off, on = result["off_runs"], result["on_runs"]
-            self.assertEqual((len(off), len(on)), (3, 3), workload)
-            self.assertTrue(all(t > 0 for t in off + on), workload)
+            pairs = [pair for group in result["pairs"] for pair in group]
+            self.assertEqual(len(pairs), 3, workload)
+            self.assertTrue(all(t > 0 for pair in pairs for t in pair))
             self.assertAlmostEqual(
                 result["ratio"],
-                statistics.median(b / a for a, b in zip(off, on)))
-            self.assertEqual(result["off_s"], statistics.median(off))
+                statistics.median(on / off for off, on in pairs))
+            self.assertEqual(result["off_s"],
+                             statistics.median(off for off, _ in pairs))
             low, high = result["ratio_95"]
             self.assertLessEqual(low, result["ratio"])
             self.assertLessEqual(result["ratio"], high)
+        # calls: 3 pairs over 2 processes; imports: a fresh pair each.
+        self.assertEqual(len(report["ratios"]["calls"]["pairs"]), 2)
+        self.assertEqual(len(report["ratios"]["imports"]["pairs"]), 3)
 
     def test_toggled_pairs_run_in_perf_mode(self):
         # Started without -X perf, the process must turn perf mode on for

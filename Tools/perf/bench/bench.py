@@ -2,13 +2,13 @@
 
 For each workload, off and on runs alternate in pairs, and the table shows
 the median wall times of each mode, the median of the pairs' ratios and a
-95% bootstrap interval for that median.
-Wall time on this kind of shared machine swings by 10-20% over seconds, so
-the runs of a pair are kept close: most workloads run in a few processes
-(half of them started with -X perf, half without), each timing pairs of
-runs with perf mode toggled in between by sys.activate_stack_trampoline();
-a workload that can only run once per process (imports) alternates fresh
-processes instead.  Callgrind also counts instructions, which do not
+95% bootstrap interval for that median.  Wall time on this kind of shared
+machine swings by 10-20% over seconds, so the runs of a pair are kept
+close: most workloads run in many processes (half of them started with
+-X perf, half without, each with its own random memory layout), each
+timing a few pairs of runs with perf mode toggled in between by
+sys.activate_stack_trampoline(); a workload that can only run once per
+process (imports) alternates fresh processes instead.  Callgrind also counts instructions, which do not
 move: on vs off for every workload (user-space work only; the perf map's
 write() calls are kernel time), and the patched build with perf support
 off against the stock build (the cost of merely carrying the patch).
@@ -16,7 +16,7 @@ Writes the numbers as JSON as well.
 
 Usage: python bench.py --python build/python [--stock build/stock/python]
                        [--backend perf|perf_jit] [--rounds 60]
-                       [--processes 6] [--json FILE] [WORKLOAD ...]"""
+                       [--processes 20] [--json FILE] [WORKLOAD ...]"""
 
 import argparse
 import json
@@ -72,38 +72,47 @@ def runs_once_per_process(workload):
         del sys.path[0]
 
 
+# Both ways of measuring return groups of (off, on) pairs: the pairs of one
+# process, or one pair of fresh processes.
+
 def fresh_process_pairs(python, workload, rounds, perf_args):
     run_one(python, [], workload)  # warm caches (.pyc files, disk)
-    off, on = [], []
+    groups = []
     for i in range(rounds):
+        times = {}
         # Swap the order every round so neither mode always runs first.
-        pair = [(off, []), (on, perf_args)]
-        for times, args in (pair if i % 2 == 0 else pair[::-1]):
-            times.append(run_one(python, args, workload)["once"])
-    return off, on
+        for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
+            args = perf_args if mode == "on" else []
+            times[mode] = run_one(python, args, workload)["once"]
+        groups.append([(times["off"], times["on"])])
+    return groups
 
 
 def toggled_pairs(python, workload, rounds, processes, backend):
-    off, on = [], []
+    groups = []
     processes = min(processes, rounds)
     for p in range(processes):
         pairs = rounds // processes + (p < rounds % processes)
         started_on = ["-X", backend] if p % 2 else []
         times = run_one(python, started_on, workload, "--pairs", str(pairs),
                         "--backend", backend)
-        off += times["off"]
-        on += times["on"]
-    return off, on
+        groups.append(list(zip(times["off"], times["on"])))
+    return groups
 
 
-def median_with_interval(values, resamples=2000):
-    """The median and a 95% bootstrap interval for it: how far the ratio
-    could move on a rerun, given the scatter of these pairs.  Seeded, so
-    the same runs always give the same interval."""
+def ratio_with_interval(groups, resamples=2000):
+    """The median of all pairs' on/off ratios, and a 95% bootstrap interval
+    for it: how far it could move on a rerun.  Groups are resampled whole,
+    because one process's memory layout can favour one mode in all of its
+    pairs.  Seeded, so the same runs always give the same interval."""
+    ratios = [[on / off for off, on in group] for group in groups]
     rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values)))
-                     for _ in range(resamples))
-    return (statistics.median(values), medians[int(0.025 * resamples)],
+    medians = sorted(
+        statistics.median(r for group in rng.choices(ratios, k=len(ratios))
+                          for r in group)
+        for _ in range(resamples))
+    return (statistics.median(r for group in ratios for r in group),
+            medians[int(0.025 * resamples)],
             medians[int(0.975 * resamples) - 1])
 
 
@@ -111,25 +120,24 @@ def measure_ratios(python, workloads, rounds, processes, backend):
     results = {}
     for workload in workloads:
         if runs_once_per_process(workload):
-            off, on = fresh_process_pairs(python, workload, rounds,
-                                          ["-X", backend])
+            groups = fresh_process_pairs(python, workload, rounds,
+                                         ["-X", backend])
         else:
-            off, on = toggled_pairs(python, workload, rounds, processes,
-                                    backend)
-        ratio, low, high = median_with_interval(
-            [b / a for a, b in zip(off, on)])
+            groups = toggled_pairs(python, workload, rounds, processes,
+                                   backend)
+        ratio, low, high = ratio_with_interval(groups)
+        off = [off for group in groups for off, _ in group]
+        on = [on for group in groups for _, on in group]
         results[workload] = {
             "off_s": statistics.median(off),
             "on_s": statistics.median(on),
             "ratio": ratio,
             "ratio_95": [low, high],
-            "off_runs": off,
-            "on_runs": on,
+            "pairs": groups,
         }
-        r = results[workload]
-        print(f"  {workload:12} off {r['off_s']:8.4f}s  on {r['on_s']:8.4f}s"
-              f"  ratio {ratio:.3f}  (95%: {low:.3f}-{high:.3f})",
-              flush=True)
+        print(f"  {workload:12} off {statistics.median(off):8.4f}s  "
+              f"on {statistics.median(on):8.4f}s  ratio {ratio:.3f}  "
+              f"(95%: {low:.3f}-{high:.3f})", flush=True)
     return results
 
 
@@ -180,7 +188,7 @@ def main():
                         default="perf")
     parser.add_argument("--rounds", type=int, default=60,
                         help="off/on pairs per workload")
-    parser.add_argument("--processes", type=int, default=6,
+    parser.add_argument("--processes", type=int, default=20,
                         help="processes the pairs are spread over")
     parser.add_argument("--json")
     parser.add_argument("--no-callgrind", dest="callgrind",

@@ -47,7 +47,10 @@ class RealProfileTests(unittest.TestCase):
             raise unittest.SkipTest(f"perf cannot record: {err[-200:]}")
         cls.script = os.path.join(cls.tmp, "perf.script")
         with open(cls.script, "w") as out:
-            subprocess.run(["perf", "script", "-i", data], stdout=out,
+            # -F +pid: headers then name the process of every thread
+            # (perf mode's map flusher is a second thread).
+            subprocess.run(["perf", "script", "-F", "+pid", "-i", data],
+                           stdout=out,
                            stderr=subprocess.DEVNULL, check=True)
 
     @classmethod
@@ -141,6 +144,16 @@ class BadInputTests(unittest.TestCase):
         self.assertEqual(proc.stdout, "Klass.method;leaf;"
                          "_PyEval_EvalFrameDefault;_PyLong_Add 1\n")
         self.assertEqual(pystacks("--tid", "42", stdin=SAMPLE).stdout, "")
+
+    def test_lone_number_is_a_thread_id(self):
+        # perf script's default header: "comm tid", with no process id.
+        thread_only = SAMPLE.replace("python 42/43", "python 43")
+        proc = pystacks("--tid", "43", stdin=thread_only)
+        self.assertEqual(proc.stdout, "Klass.method;leaf 1\n")
+        proc = pystacks("--pid", "43", stdin=thread_only)
+        self.assertEqual(proc.stdout, "")
+        self.assertIn("--pid left out 1 sample(s) without a process id; "
+                      "run perf script -F +pid", proc.stderr)
 
     def test_malformed_lines_counted_not_fatal(self):
         junk = ("garbage at the top\n\t  not a frame\n" + SAMPLE

@@ -33,9 +33,11 @@ NATIVE = "[native]"
 # "    7f3e2a1b4c0 _PyEval_EvalFrameDefault+0x1230 (/usr/bin/python3.11)"
 FRAME_LINE = re.compile(r"\s+([0-9a-fA-F]+)\s+(.*?)(?:\s+\((.*)\))?\s*$")
 # "python 12345/12346 [001] 123.456789: 1010101 cpu-clock:ppp:" - the
-# command name may hold spaces, the cpu and time fields may be missing.
+# command name may hold spaces, the cpu and time fields may be missing, and
+# a lone number is the thread id (perf script's default; -F +pid adds the
+# process id in front).
 HEADER_LINE = re.compile(
-    r"(?P<comm>.*?)\s+(?P<pid>-?\d+)(?:/(?P<tid>-?\d+))?"
+    r"(?P<comm>.*?)\s+(?P<first>-?\d+)(?:/(?P<tid>-?\d+))?"
     r"(?:\s+\[\d+\])?(?:\s+\d+\.\d+:)?(?:\s.*)?$")
 OFFSET = re.compile(r"\+0x[0-9a-fA-F]+$")
 
@@ -54,8 +56,11 @@ def parse_header(line):
     match = HEADER_LINE.match(line)
     if match is None or not match.group("comm").strip():
         return None
-    pid = int(match.group("pid"))
-    tid = int(match.group("tid")) if match.group("tid") else pid
+    first = int(match.group("first"))
+    if match.group("tid"):
+        pid, tid = first, int(match.group("tid"))
+    else:
+        pid, tid = None, first
     return Sample(match.group("comm").strip(), pid, tid)
 
 
@@ -181,7 +186,9 @@ def parse_args(argv):
     parser.add_argument("--speedscope", metavar="FILE",
                         help="also write speedscope's JSON format to FILE")
     parser.add_argument("--comm", help="only samples of this command")
-    parser.add_argument("--pid", type=int, help="only this process")
+    parser.add_argument("--pid", type=int,
+                        help="only this process (needs perf script -F +pid:"
+                             " by default perf script shows thread ids only)")
     parser.add_argument("--tid", type=int, help="only this thread")
     parser.set_defaults(mode="python")
     return parser.parse_args(argv)
@@ -189,7 +196,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    errors = {"lines": 0}
+    errors = {"lines": 0, "no_pid": 0}
     counts = {}
     total = 0
     if args.input == "-":
@@ -200,6 +207,8 @@ def main(argv=None):
     with source:
         for sample in read_samples(source, errors):
             total += 1
+            if args.pid is not None and sample.pid is None:
+                errors["no_pid"] += 1
             if not sample.frames or not selected(sample, args):
                 continue
             stack = tuple(fold(sample.frames, args.mode, args.file_names))
@@ -210,6 +219,10 @@ def main(argv=None):
                          "python" if args.input == "-" else args.input)
     if errors["lines"]:
         print(f"pystacks: {errors['lines']} line(s) could not be parsed",
+              file=sys.stderr)
+    if errors["no_pid"]:
+        print(f"pystacks: --pid left out {errors['no_pid']} sample(s) "
+              "without a process id; run perf script -F +pid",
               file=sys.stderr)
     if total == 0:
         print("pystacks: no samples in the input", file=sys.stderr)

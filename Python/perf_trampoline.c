@@ -119,7 +119,7 @@ static pthread_once_t process_hooks_once = PTHREAD_ONCE_INIT;
 static void fork_prepare(void);
 static void fork_parent(void);
 static void fork_child(void);
-static void init_flusher_wakeup(void);
+static void init_flusher_conditions(void);
 static void flush_pending(void);
 
 static void
@@ -132,7 +132,7 @@ static void
 install_process_hooks(void)
 {
     refresh_pid();
-    init_flusher_wakeup();
+    init_flusher_conditions();
     (void)pthread_atfork(fork_prepare, fork_parent, fork_child);
     (void)atexit(flush_pending);
 }
@@ -296,6 +296,11 @@ static perf_map_state perf_map = {-1, 0, 0, NULL};
    file has a lock of its own. */
 static pthread_mutex_t perf_map_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* The flusher writes without the lock (see write_due_entries): whoever
+   uses the files themselves takes the lock and waits for that write. */
+static void lock_perf_files(void);
+static void wait_for_flusher_write_locked(void);
+
 static void
 perf_map_path(char *buf, size_t size, pid_t pid)
 {
@@ -425,7 +430,8 @@ append_entries(int fd, off_t *size, const char *buf, size_t len)
     return 0;
 }
 
-/* Append whole lines to the map.  Caller holds perf_map_lock. */
+/* Append whole lines to the map.  Caller holds perf_map_lock, or is the
+   flusher writing outside it (see write_due_entries). */
 static int
 perf_map_append_locked(const char *buf, size_t len)
 {
@@ -510,14 +516,17 @@ perf_map_fork_locked(void)
 static int
 perf_map_ready_locked(void)
 {
+    if (perf_map.fd >= 0 && perf_map.owner == current_pid()) {
+        return 0;
+    }
+    /* Opening the file or starting the child's: not while the flusher
+       writes to the old one. */
+    wait_for_flusher_write_locked();
     if (perf_map.fd < 0) {
         return perf_map_open_locked();
     }
-    if (perf_map.owner != current_pid()) {
-        /* Forked without PyOS_AfterFork_Child() (a C extension's fork). */
-        return perf_map_fork_locked();
-    }
-    return 0;
+    /* Forked without PyOS_AfterFork_Child() (a C extension's fork). */
+    return perf_map_fork_locked();
 }
 
 /* Escape one code point of a name so that the map line stays one line
@@ -742,7 +751,7 @@ finish_entry(char *buf, name_writer *w)
 static int
 write_map_line(const char *line, size_t len)
 {
-    pthread_mutex_lock(&perf_map_lock);
+    lock_perf_files();
     int res = perf_map_ready_locked();
     if (res == 0) {
         res = perf_map_append_locked(line, len);
@@ -783,16 +792,41 @@ static struct {
     pthread_cond_t wakeup;      /* new lines, or the flusher must go */
     pthread_t flusher;
     pid_t flusher_owner;        /* the process it runs in; 0: none */
+    int writing;                /* the flusher is writing, unlocked */
+    pthread_cond_t written;     /* it has finished */
 } pending;
 
+/* What the flusher is writing: entries copied out of the pending buffers,
+   which take new entries meanwhile.  Only the flusher uses it. */
+static struct {
+    char map[PENDING_BYTES];
+    char jitdump[PENDING_BYTES];
+} in_flight;
+
 static void
-init_flusher_wakeup(void)
+init_flusher_conditions(void)
 {
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
     pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     pthread_cond_init(&pending.wakeup, &attr);
     pthread_condattr_destroy(&attr);
+    pthread_cond_init(&pending.written, NULL);
+}
+
+static void
+wait_for_flusher_write_locked(void)
+{
+    while (pending.writing) {
+        pthread_cond_wait(&pending.written, &perf_map_lock);
+    }
+}
+
+static void
+lock_perf_files(void)
+{
+    pthread_mutex_lock(&perf_map_lock);
+    wait_for_flusher_write_locked();
 }
 
 static int jitdump_append_locked(const char *buf, size_t len);
@@ -806,24 +840,83 @@ nothing_pending(void)
 /* A failed write is kept with its buffer and reported by the next
    trampoline made (or at finalization), which turns perf mode off: these
    trampolines stay nameless. */
+typedef struct {
+    int map;
+    int jitdump;
+} write_errors;
+
+static write_errors
+write_entries(const char *map, size_t map_len,
+              const char *jitdump_data, size_t jitdump_len)
+{
+    write_errors err = {0, 0};
+    if (map_len > 0 && perf_map_append_locked(map, map_len) < 0) {
+        err.map = errno;
+    }
+    if (jitdump_len > 0
+        && jitdump_append_locked(jitdump_data, jitdump_len) < 0)
+    {
+        err.jitdump = errno;
+    }
+    return err;
+}
+
+static void
+keep_write_errors_locked(write_errors err)
+{
+    if (err.map != 0) {
+        pending.map.error = err.map;
+    }
+    if (err.jitdump != 0) {
+        pending.jitdump.error = err.jitdump;
+    }
+}
+
+/* How many pending map bytes can be written: all, or none if the map
+   cannot be opened (the errno is kept, and the lines are lost). */
+static size_t
+writable_map_bytes_locked(void)
+{
+    if (pending.map.len > 0 && perf_map_ready_locked() < 0) {
+        pending.map.error = errno;
+        return 0;
+    }
+    return pending.map.len;
+}
+
 static void
 flush_pending_locked(void)
 {
-    if (pending.map.len > 0
-        && (perf_map_ready_locked() < 0
-            || perf_map_append_locked(pending.map.data,
-                                      pending.map.len) < 0))
-    {
-        pending.map.error = errno;
-    }
+    wait_for_flusher_write_locked();
+    size_t map_len = writable_map_bytes_locked();
+    keep_write_errors_locked(write_entries(pending.map.data, map_len,
+                                           pending.jitdump.data,
+                                           pending.jitdump.len));
     pending.map.len = 0;
-    if (pending.jitdump.len > 0
-        && jitdump_append_locked(pending.jitdump.data,
-                                 pending.jitdump.len) < 0)
-    {
-        pending.jitdump.error = errno;
-    }
     pending.jitdump.len = 0;
+}
+
+/* The flusher's regular write.  It copies the due entries out and writes
+   them without the lock, so that a thread making a trampoline meanwhile
+   does not wait for the disk; pending.writing holds off every other use
+   of the files until it is done.  Called and returns with the lock. */
+static void
+write_due_entries_locked(void)
+{
+    size_t map_len = writable_map_bytes_locked();
+    size_t jitdump_len = pending.jitdump.len;
+    memcpy(in_flight.map, pending.map.data, map_len);
+    memcpy(in_flight.jitdump, pending.jitdump.data, jitdump_len);
+    pending.map.len = 0;
+    pending.jitdump.len = 0;
+    pending.writing = 1;
+    pthread_mutex_unlock(&perf_map_lock);
+    write_errors err = write_entries(in_flight.map, map_len,
+                                     in_flight.jitdump, jitdump_len);
+    pthread_mutex_lock(&perf_map_lock);
+    pending.writing = 0;
+    keep_write_errors_locked(err);
+    pthread_cond_broadcast(&pending.written);
 }
 
 /* A buffer's failed write, now reported: returns its errno (0 if none)
@@ -839,7 +932,7 @@ take_error_locked(pending_buffer *buffer)
 static void
 flush_pending(void)
 {
-    pthread_mutex_lock(&perf_map_lock);
+    lock_perf_files();
     flush_pending_locked();
     perf_map_unlock();
 }
@@ -861,7 +954,7 @@ flusher_main(void *Py_UNUSED(arg))
         }
         else if (pthread_cond_timedwait(&pending.wakeup, &perf_map_lock,
                                         &pending.due) == ETIMEDOUT) {
-            flush_pending_locked();
+            write_due_entries_locked();
         }
     }
     flush_pending_locked();
@@ -915,7 +1008,7 @@ stop_flusher(void)
 static void
 fork_prepare(void)
 {
-    pthread_mutex_lock(&perf_map_lock);
+    lock_perf_files();
     flush_pending_locked();
 }
 
@@ -930,7 +1023,7 @@ fork_child(void)
 {
     refresh_pid();
     pending.flusher_owner = 0;
-    init_flusher_wakeup();      /* it may have had the flusher waiting */
+    init_flusher_conditions();      /* it may have had the flusher waiting */
     pthread_mutex_unlock(&perf_map_lock);
 }
 
@@ -1392,6 +1485,7 @@ build_unwind_tables(void)
     return 0;
 }
 
+/* As perf_map_append_locked(), for the jitdump. */
 static int
 jitdump_append_locked(const char *buf, size_t len)
 {
@@ -1559,6 +1653,7 @@ jitdump_ready_locked(int *filled)
     if (jitdump.fd >= 0 && jitdump.owner == current_pid()) {
         return 0;
     }
+    wait_for_flusher_write_locked();
     jitdump_close_locked();     /* a parent's */
     flush_pending_locked();
     if (perf_map_ready_locked() < 0) {
@@ -1603,7 +1698,7 @@ jitdump_add_line_locked(const char *line, size_t len)
 static int
 jitdump_set_wanted(int wanted)
 {
-    pthread_mutex_lock(&perf_map_lock);
+    lock_perf_files();
     int res = 0, filled;
     jitdump.wanted = wanted;
     if (wanted) {
@@ -1989,7 +2084,7 @@ _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
 static void
 warn_if_lines_lost(void)
 {
-    pthread_mutex_lock(&perf_map_lock);
+    lock_perf_files();
     int map_err = take_error_locked(&pending.map);
     int jitdump_err = take_error_locked(&pending.jitdump);
     perf_map_unlock();
@@ -2023,7 +2118,7 @@ _PyPerfTrampoline_Fini(void)
 void
 _PyPerfTrampoline_AfterFork_Child(void)
 {
-    pthread_mutex_lock(&perf_map_lock);
+    lock_perf_files();
     int map_failed = perf_map.fd >= 0 && perf_map_fork_locked() < 0;
     int filled;
     int jitdump_failed = !map_failed && jitdump.wanted
@@ -2051,7 +2146,7 @@ _PyPerfTrampoline_AfterFork_Child(void)
 int
 PyUnstable_PerfMapState_Init(void)
 {
-    pthread_mutex_lock(&perf_map_lock);
+    lock_perf_files();
     int res = perf_map_ready_locked();
     perf_map_unlock();
     return res;
@@ -2083,7 +2178,7 @@ PyUnstable_PerfMapState_Fini(void)
     /* Perf mode, if active, opens the map again (appending) when it next
        needs it, and starts a new flusher. */
     stop_flusher();
-    pthread_mutex_lock(&perf_map_lock);
+    lock_perf_files();
     flush_pending_locked();
     if (perf_map.fd >= 0) {
         close(perf_map.fd);
@@ -2111,7 +2206,7 @@ PyUnstable_CopyPerfMapFile(const char *parent_filename)
         res = -1;
     }
     if (res == 0) {
-        pthread_mutex_lock(&perf_map_lock);
+        lock_perf_files();
         res = perf_map_ready_locked();
         if (res == 0) {
             res = perf_map_copy_locked(fd, st.st_size);

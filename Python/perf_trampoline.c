@@ -296,7 +296,7 @@ static perf_map_state perf_map = {-1, 0, 0, NULL};
    file has a lock of its own. */
 static pthread_mutex_t perf_map_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* The flusher writes without the lock (see write_due_entries): whoever
+/* The flusher writes without the lock (see write_due_entries_locked): whoever
    uses the files themselves takes the lock and waits for that write. */
 static void lock_perf_files(void);
 static void wait_for_flusher_write_locked(void);
@@ -431,7 +431,7 @@ append_entries(int fd, off_t *size, const char *buf, size_t len)
 }
 
 /* Append whole lines to the map.  Caller holds perf_map_lock, or is the
-   flusher writing outside it (see write_due_entries). */
+   flusher writing outside it (see write_due_entries_locked). */
 static int
 perf_map_append_locked(const char *buf, size_t len)
 {

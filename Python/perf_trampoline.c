@@ -296,8 +296,9 @@ static perf_map_state perf_map = {-1, 0, 0, NULL};
    file has a lock of its own. */
 static pthread_mutex_t perf_map_lock = PTHREAD_MUTEX_INITIALIZER;
 
-/* The flusher writes without the lock (see write_due_entries_locked): whoever
-   uses the files themselves takes the lock and waits for that write. */
+/* The flusher writes without the lock (see write_due_entries_locked):
+   whoever uses the files themselves takes the lock and waits for that
+   write. */
 static void lock_perf_files(void);
 static void wait_for_flusher_write_locked(void);
 

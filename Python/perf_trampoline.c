@@ -1301,7 +1301,8 @@ describe_template(frame_description *d)
         0x5d,                   /* pop %rbp */
         0xc3,                   /* ret */
     };
-    const unsigned char *code = (const unsigned char *)_Py_trampoline_func_start;
+    const unsigned char *code =
+        (const unsigned char *)_Py_trampoline_func_start;
     size_t start = 0;
     if (template_size() >= sizeof(endbr64)
         && memcmp(code, endbr64, sizeof(endbr64)) == 0)
@@ -1864,8 +1865,8 @@ compile_trampoline(PyCodeObject *co, Py_ssize_t index)
     return code;
 }
 
-static PyObject *py_trampoline_evaluator(PyThreadState *, _PyInterpreterFrame *,
-                                         int);
+static PyObject *py_trampoline_evaluator(PyThreadState *,
+                                         _PyInterpreterFrame *, int);
 
 /* Set once a failure has turned perf mode off with a warning: lines still
    buffered then may fail to be written too, and one warning is enough. */

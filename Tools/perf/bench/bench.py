@@ -8,11 +8,13 @@ close: most workloads run in many processes (half of them started with
 -X perf, half without, each with its own random memory layout), each
 timing a few pairs of runs with perf mode toggled in between by
 sys.activate_stack_trampoline(); a workload that can only run once per
-process (imports) alternates fresh processes instead.  Callgrind also counts instructions, which do not
-move: on vs off for every workload (user-space work only; the perf map's
-write() calls are kernel time), and the patched build with perf support
-off against the stock build (the cost of merely carrying the patch).
-Writes the numbers as JSON as well.
+process (imports) alternates fresh processes instead.
+
+Callgrind also counts instructions, which do not move: on vs off for
+every workload (user-space work only; the perf map's write() calls are
+kernel time), and the patched build with perf support off against the
+stock build (the cost of merely carrying the patch).  Writes the numbers
+as JSON as well.
 
 Usage: python bench.py --python build/python [--stock build/stock/python]
                        [--backend perf|perf_jit] [--rounds 60]

@@ -1,5 +1,6 @@
 """Perf mode under injected faults: no arena memory, no executable memory,
-an unwritable /tmp, a full disk, a short write.
+an unwritable /tmp, a full disk, a short write, for the perf map and for
+perf_jit's dump.
 
 tests/faults/faultshim.c, preloaded with LD_PRELOAD, makes the chosen
 system calls fail.  In every case the program must print what it prints
@@ -14,6 +15,7 @@ import tempfile
 import unittest
 
 from support import PATCHED, ROOT, clean_env, python, run
+from test.test_perf_profiler import read_jitdump
 
 SHIM_SOURCE = os.path.join(ROOT, "tests", "faults", "faultshim.c")
 MAP_LINE = re.compile(rb"[0-9a-f]+ [0-9a-f]+ py::\S.*")
@@ -56,6 +58,7 @@ class FaultTests(unittest.TestCase):
                    env=env)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         pid = int(re.search(r"^pid (\d+)$", proc.stderr, re.M)[1])
+        self.pid = pid
         warnings = [line for line in proc.stderr.splitlines()
                     if not line.startswith("pid ")]
         return proc.stdout, warnings, self.map_lines(pid)
@@ -135,6 +138,42 @@ class FaultTests(unittest.TestCase):
         self.assertEqual(out, "7\n")
         self.assert_one_warning(warnings, "No space left on device")
         self.assertEqual(lines, [])
+
+    def run_faulty_jitdump(self, faults):
+        """run_faulty() under perf_jit with the faults aimed at its dump;
+        returns (stdout, warnings, code loads), the loads None if there is
+        no dump, after checking that it holds whole records only."""
+        out, warnings, _ = self.run_faulty(
+            {"FAULT_FILE": "jitdump", **faults}, args=("-X", "perf_jit"))
+        path = f"/tmp/jit-{self.pid}.dump"
+        if not os.path.exists(path):
+            return out, warnings, None
+        try:
+            _, loads = read_jitdump(self.pid)
+        finally:
+            os.unlink(path)
+        return out, warnings, loads
+
+    def test_jitdump_disk_full_mid_run(self):
+        # The header and the first buffer of records are written; then a
+        # write fails, or (0) writes half of its buffer first.
+        for err in (errno.ENOSPC, 0):
+            with self.subTest(errno=err):
+                out, warnings, loads = self.run_faulty_jitdump(
+                    {"FAULT_MAP_WRITE": err, "FAULT_AFTER": 2})
+                self.assertEqual(out, EXPECTED)
+                self.assert_one_warning(warnings, "No space left on device")
+                self.assertIn("/tmp/jit-", warnings[0])
+                self.assertGreater(len(loads), 0)
+                self.assertLess(len(loads), FUNCTIONS)
+
+    def test_jitdump_cannot_be_created(self):
+        out, warnings, loads = self.run_faulty_jitdump(
+            {"FAULT_MAP_OPEN": errno.EACCES})
+        self.assertEqual(out, EXPECTED)
+        self.assert_one_warning(warnings, "Permission denied")
+        self.assertIn("/tmp/jit-", warnings[0])
+        self.assertIsNone(loads)
 
     def test_sys_api_raises(self):
         script = ("import os, sys\n"

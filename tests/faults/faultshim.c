@@ -14,6 +14,8 @@
      FAULT_MAP_WRITE=E     write() to a /tmp/perf-*.map file fails with
                            errno E; with E=0 it writes half of the buffer
                            (a short write) and then fails with ENOSPC.
+     FAULT_FILE=jitdump    FAULT_MAP_OPEN and FAULT_MAP_WRITE act on
+                           /tmp/jit-*.dump files (perf_jit) instead.
      FAULT_AFTER=N         the first N calls that match succeed.  */
 
 #define _GNU_SOURCE
@@ -32,6 +34,8 @@ static int mprotect_exec;
 static int map_open_errno;
 static int map_write_errno = -1;
 static long passes_left;
+static const char *target_prefix = "/tmp/perf-";
+static const char *target_suffix = ".map";
 
 static long
 env_number(const char *name, long fallback)
@@ -48,6 +52,11 @@ read_config(void)
     map_open_errno = (int)env_number("FAULT_MAP_OPEN", 0);
     map_write_errno = (int)env_number("FAULT_MAP_WRITE", -1);
     passes_left = env_number("FAULT_AFTER", 0);
+    const char *file = getenv("FAULT_FILE");
+    if (file != NULL && strcmp(file, "jitdump") == 0) {
+        target_prefix = "/tmp/jit-";
+        target_suffix = ".dump";
+    }
 }
 
 /* A matching call: fail it unless FAULT_AFTER still lets it pass. */
@@ -61,16 +70,19 @@ should_fail(void)
     return 1;
 }
 
+/* One of the files faults are aimed at (FAULT_FILE)? */
 static int
-is_perf_map_path(const char *path)
+is_target_path(const char *path)
 {
     size_t len = path != NULL ? strlen(path) : 0;
-    return strncmp(path ? path : "", "/tmp/perf-", 10) == 0 && len > 4
-           && strcmp(path + len - 4, ".map") == 0;
+    size_t prefix = strlen(target_prefix), suffix = strlen(target_suffix);
+    return len > prefix + suffix
+           && strncmp(path, target_prefix, prefix) == 0
+           && strcmp(path + len - suffix, target_suffix) == 0;
 }
 
 static int
-is_perf_map_fd(int fd)
+is_target_fd(int fd)
 {
     char link[64], target[4096];
     snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
@@ -79,7 +91,7 @@ is_perf_map_fd(int fd)
         return 0;
     }
     target[n] = '\0';
-    return is_perf_map_path(target);
+    return is_target_path(target);
 }
 
 #define REAL(name) \
@@ -132,7 +144,7 @@ mprotect(void *addr, size_t len, int prot)
 static int
 failed_open(const char *path)
 {
-    if (map_open_errno != 0 && is_perf_map_path(path) && should_fail()) {
+    if (map_open_errno != 0 && is_target_path(path) && should_fail()) {
         errno = map_open_errno;
         return 1;
     }
@@ -189,7 +201,7 @@ write(int fd, const void *buf, size_t count)
 {
     REAL(write);
     static int disk_full;   /* after a short write, everything fails */
-    if (map_write_errno < 0 || !is_perf_map_fd(fd)) {
+    if (map_write_errno < 0 || !is_target_fd(fd)) {
         return real_write(fd, buf, count);
     }
     if (disk_full) {

@@ -27,6 +27,7 @@
 #include "pycore_initconfig.h"    // _Py_GetEnv()
 #include "pycore_interp.h"        // PyInterpreterState.co_extra_freefuncs
 #include "pycore_perf_trampoline.h"
+#include "pycore_pyerrors.h"       // _PyErr_Occurred()
 #include "pycore_pystate.h"       // _PyThreadState_GET()
 
 #include <errno.h>
@@ -640,24 +641,38 @@ put_utf8(name_writer *w, const char *s)
     }
 }
 
+/* The high bit of each byte of x that is below 0x20 or is 0x7f (DEL),
+   for x holding ASCII bytes, which have no high bit: a byte below 0x20
+   borrows in the subtraction, and DEL becomes zero once xored with 0x7f.
+   A borrow can mark a later byte too, but only after a byte that is
+   marked rightly. */
+static inline uint64_t
+control_bytes(uint64_t x)
+{
+    const uint64_t ones = 0x0101010101010101u;
+    return ((x - 0x20 * ones) | ((x ^ 0x7f * ones) - ones)) & (0x80 * ones);
+}
+
 /* How many bytes from s on, at most length, are printable ASCII (0x20 to
-   0x7e)?  s is ASCII.  Eight bytes are tested at a time: names are mostly
-   long file paths, and this loop is most of a map line's cost. */
+   0x7e)?  s is ASCII.  Eight bytes are tested at a time, and the last
+   eight of a string of eight or more at once: names are mostly long file
+   paths, and this is most of the cost of a map line. */
 static Py_ssize_t
 printable_ascii_run(const Py_UCS1 *s, Py_ssize_t length)
 {
-    const uint64_t ones = 0x0101010101010101u, highs = 0x8080808080808080u;
+    uint64_t x;
     Py_ssize_t n = 0;
-    while (length - n >= 8) {
-        uint64_t x;
+    for (; length - n >= 8; n += 8) {
         memcpy(&x, s + n, 8);
-        /* A byte's high bit ends up set where it is below 0x20 or, once
-           xored with 0x7f, zero (DEL).  ASCII bytes have no high bit. */
-        uint64_t control = (x - 0x20 * ones) | ((x ^ 0x7f * ones) - ones);
-        if (control & highs) {
+        if (control_bytes(x)) {
             break;
         }
-        n += 8;
+    }
+    if (length - n < 8 && n < length && length >= 8) {
+        memcpy(&x, s + length - 8, 8);      /* covers s[n:length] */
+        if (!control_bytes(x)) {
+            return length;
+        }
     }
     while (n < length && s[n] >= 0x20 && s[n] != 0x7f) {
         n++;
@@ -665,10 +680,9 @@ printable_ascii_run(const Py_UCS1 *s, Py_ssize_t length)
     return n;
 }
 
-/* ASCII text, the common case, goes in runs: only its control
-   characters need escaping. */
-static void
-put_ascii(name_writer *w, const Py_UCS1 *s, Py_ssize_t length)
+/* put_ascii() for text that needs escaping or cutting. */
+static Py_NO_INLINE void
+put_ascii_runs(name_writer *w, const Py_UCS1 *s, Py_ssize_t length)
 {
     Py_ssize_t i = 0;
     while (i < length && !w->truncated) {
@@ -686,6 +700,21 @@ put_ascii(name_writer *w, const Py_UCS1 *s, Py_ssize_t length)
         }
         i = end + 1;
     }
+}
+
+/* ASCII text, the common case, is copied as it is when it has no control
+   character and fits: one test and one copy. */
+static inline void
+put_ascii(name_writer *w, const Py_UCS1 *s, Py_ssize_t length)
+{
+    if (!w->truncated && (size_t)length <= w->limit - w->len
+        && printable_ascii_run(s, length) == length)
+    {
+        memcpy(w->buf + w->len, s, (size_t)length);
+        w->len += (size_t)length;
+        return;
+    }
+    put_ascii_runs(w, s, length);
 }
 
 static void
@@ -708,21 +737,31 @@ put_unicode(name_writer *w, PyObject *str)
 }
 
 /* Write value in lowercase hex, then a space; returns the end.  (snprintf
-   would cost more than the rest of the line.) */
+   would cost more than the rest of the line.)  Digits go two at a time. */
 static char *
 put_hex(char *out, uintptr_t value)
 {
-    char digits[2 * sizeof(value)];
-    size_t n = 0;
-    do {
-        digits[n++] = "0123456789abcdef"[value & 0xf];
-        value >>= 4;
-    } while (value != 0);
-    while (n > 0) {
-        *out++ = digits[--n];
+    static const char pairs[] =
+        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+        "202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f"
+        "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f"
+        "606162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f"
+        "808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f"
+        "a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebf"
+        "c0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedf"
+        "e0e1e2e3e4e5e6e7e8e9eaebecedeeeff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff";
+    int bits = 64 - __builtin_clzll((unsigned long long)value | 1);
+    size_t digits = (size_t)(bits + 3) / 4;
+    char *end = out + digits;
+    for (char *p = end; digits >= 2; digits -= 2, value >>= 8) {
+        p -= 2;
+        memcpy(p, pairs + 2 * (value & 0xff), 2);
     }
-    *out++ = ' ';
-    return out;
+    if (digits == 1) {
+        out[0] = pairs[2 * value + 1];      /* the top digit: value < 16 */
+    }
+    *end = ' ';
+    return end + 1;
 }
 
 /* A map line is "<hex addr> <hex size> <name>\n".  start_entry() writes
@@ -1914,13 +1953,18 @@ find_or_make_trampoline(PyThreadState *tstate, PyCodeObject *co)
     }
     /* A thrown-in exception is pending when throwflag is set: keep it out
        of the way while the trampoline is made. */
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    int thrown = (_PyErr_Occurred(tstate) != NULL);
+    if (thrown) {
+        _PyErr_Fetch(tstate, &type, &value, &tb);
+    }
     py_trampoline code = compile_trampoline(co, index);
     if (code == NULL) {
         disable_after_failure(tstate);
     }
-    PyErr_Restore(type, value, tb);
+    if (thrown) {
+        _PyErr_Restore(tstate, type, value, tb);
+    }
     return code;
 }
 

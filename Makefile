@@ -9,6 +9,7 @@
 DRIVER := bash driver/cperf.sh
 PREFIX ?= /usr/local
 ROUNDS ?= 60
+PROCESS_ROUNDS ?= 300
 BACKEND ?= perf
 export CPYTHON_SRC FRAME_POINTERS PREFIX
 
@@ -43,7 +44,8 @@ check-full: build stock
 bench: build stock
 	@build/obj/python Tools/perf/bench/bench.py --python build/python \
 		--stock build/stock/python --rounds $(ROUNDS) \
-		--backend $(BACKEND) --json build/bench/results-$(BACKEND).json
+		--process-rounds $(PROCESS_ROUNDS) --backend $(BACKEND) \
+		--json build/bench/results-$(BACKEND).json
 
 docs: build
 	@$(DRIVER) docs

@@ -33,7 +33,8 @@ class BenchHarnessTests(unittest.TestCase):
             out = os.path.join(tmp, "results.json")
             proc = run([PYTHON, os.path.join(BENCH, "bench.py"),
                         "--python", PYTHON, "--rounds", "3",
-                        "--processes", "2", "--no-callgrind",
+                        "--processes", "2", "--process-rounds", "4",
+                        "--no-callgrind",
                         "--json", out, "calls", "imports"],
                        env=clean_env())
             with open(out) as f:
@@ -43,7 +44,7 @@ class BenchHarnessTests(unittest.TestCase):
         for workload in ("calls", "imports"):
             result = report["ratios"][workload]
             pairs = [pair for group in result["pairs"] for pair in group]
-            self.assertEqual(len(pairs), 3, workload)
+            self.assertEqual(len(pairs), 3 if workload == "calls" else 4)
             self.assertTrue(all(t > 0 for pair in pairs for t in pair))
             self.assertAlmostEqual(
                 result["ratio"],
@@ -53,9 +54,10 @@ class BenchHarnessTests(unittest.TestCase):
             low, high = result["ratio_95"]
             self.assertLessEqual(low, result["ratio"])
             self.assertLessEqual(result["ratio"], high)
-        # calls: 3 pairs over 2 processes; imports: a fresh pair each.
+        # calls: 3 pairs over 2 processes; imports: 4 pairs of fresh
+        # processes, a group each.
         self.assertEqual(len(report["ratios"]["calls"]["pairs"]), 2)
-        self.assertEqual(len(report["ratios"]["imports"]["pairs"]), 3)
+        self.assertEqual(len(report["ratios"]["imports"]["pairs"]), 4)
 
     def test_toggled_pairs_run_in_perf_mode(self):
         # Started without -X perf, the process must turn perf mode on for

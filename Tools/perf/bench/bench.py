@@ -8,7 +8,8 @@ close: most workloads run in many processes (half of them started with
 -X perf, half without, each with its own random memory layout), each
 timing a few pairs of runs with perf mode toggled in between by
 sys.activate_stack_trampoline(); a workload that can only run once per
-process (imports) alternates fresh processes instead.
+process (imports) alternates fresh processes instead, for more pairs:
+they are short, and the pairs of fresh processes vary more.
 
 Callgrind also counts instructions, which do not move: on vs off for
 every workload (user-space work only; the perf map's write() calls are
@@ -18,7 +19,8 @@ as JSON as well.
 
 Usage: python bench.py --python build/python [--stock build/stock/python]
                        [--backend perf|perf_jit] [--rounds 60]
-                       [--processes 20] [--json FILE] [WORKLOAD ...]"""
+                       [--processes 20] [--process-rounds 300]
+                       [--json FILE] [WORKLOAD ...]"""
 
 import argparse
 import json
@@ -118,11 +120,12 @@ def ratio_with_interval(groups, resamples=2000):
             medians[int(0.975 * resamples) - 1])
 
 
-def measure_ratios(python, workloads, rounds, processes, backend):
+def measure_ratios(python, workloads, rounds, processes, process_rounds,
+                   backend):
     results = {}
     for workload in workloads:
         if runs_once_per_process(workload):
-            groups = fresh_process_pairs(python, workload, rounds,
+            groups = fresh_process_pairs(python, workload, process_rounds,
                                          ["-X", backend])
         else:
             groups = toggled_pairs(python, workload, rounds, processes,
@@ -192,6 +195,9 @@ def main():
                         help="off/on pairs per workload")
     parser.add_argument("--processes", type=int, default=20,
                         help="processes the pairs are spread over")
+    parser.add_argument("--process-rounds", type=int, default=300,
+                        help="off/on pairs of fresh processes for a "
+                             "workload that runs once per process")
     parser.add_argument("--json")
     parser.add_argument("--no-callgrind", dest="callgrind",
                         action="store_false",
@@ -201,13 +207,15 @@ def main():
 
     perf_args = ["-X", args.backend]
     report = {"python": args.python, "rounds": args.rounds,
-              "processes": args.processes, "backend": args.backend}
+              "processes": args.processes,
+              "process_rounds": args.process_rounds,
+              "backend": args.backend}
     print(f"-X {args.backend} vs off, {args.python}: medians of "
           f"{args.rounds} off/on pairs in {args.processes} processes "
-          f"(imports: {args.rounds} pairs of fresh processes)")
+          f"(imports: {args.process_rounds} pairs of fresh processes)")
     report["ratios"] = measure_ratios(args.python, args.workloads,
                                       args.rounds, args.processes,
-                                      args.backend)
+                                      args.process_rounds, args.backend)
     if args.callgrind:
         print(f"instructions (callgrind), -X {args.backend} vs off:")
         report["perf_instructions"] = measure_perf_instructions(

@@ -101,7 +101,9 @@ perf_requested(const PyConfig *config)
 #include <stdio.h>
 #include <time.h>                 // clock_gettime()
 #include <sys/mman.h>             // mmap()
+#include <sys/resource.h>         // getrlimit()
 #include <sys/stat.h>             // fstat()
+#include <sys/syscall.h>          // SYS_gettid
 #include <unistd.h>               // write(), getpid()
 
 typedef PyObject *(*py_evaluator)(PyThreadState *, _PyInterpreterFrame *,
@@ -208,6 +210,21 @@ in_arenas(uintptr_t addr, size_t size)
     return 0;
 }
 
+/* Fill the first len bytes (whole strides) of a fresh, zeroed mapping with
+   copies of the template: one copy, then copies of all that is filled so
+   far, so that a 4 MiB arena takes 19 memcpy() calls rather than one per
+   trampoline. */
+static void
+fill_with_template(char *mem, size_t len)
+{
+    size_t stride = trampoline_stride();
+    memcpy(mem, _Py_trampoline_func_start, template_size());
+    for (size_t filled = stride; filled < len; filled *= 2) {
+        size_t n = filled < len - filled ? filled : len - filled;
+        memcpy(mem + filled, mem, n);
+    }
+}
+
 /* Map a new arena, fill it with copies of the template, then make it
    read+execute.  Returns -1 with errno set on failure. */
 static int
@@ -231,9 +248,7 @@ new_arena(void)
     }
     size_t stride = trampoline_stride();
     size_t count = (size - ARENA_RESERVE) / stride;
-    for (size_t i = 0; i < count; i++) {
-        memcpy(mem + i * stride, _Py_trampoline_func_start, template_size());
-    }
+    fill_with_template(mem, count * stride);
     if (mprotect(mem, size, PROT_READ | PROT_EXEC) < 0) {
         int saved_errno = errno;
         munmap(mem, size);
@@ -1973,10 +1988,11 @@ find_or_make_trampoline(PyThreadState *tstate, PyCodeObject *co)
    calls inline, so deep recursion that stock survives could overflow the
    C stack.  The hook raises RecursionError instead when less than
    STACK_RESERVE bytes are left.  stack_limit starts at UINTPTR_MAX, so a
-   thread's first frame takes the slow path, which finds the real limit. */
+   thread's first frame takes the slow path, which finds the limit. */
 #define STACK_RESERVE (256 * 1024)
 
 static __thread uintptr_t stack_limit = UINTPTR_MAX;
+static __thread int stack_limit_is_exact;
 
 /* Where this function's stack is: the stack pointer itself where it can
    be read in one instruction, so that the hook needs no frame of its own. */
@@ -1994,13 +2010,16 @@ current_stack_address(void)
     return sp;
 }
 
+/* The real limit: STACK_RESERVE (at most a quarter of the stack) above the
+   stack's lowest address, or 0 (no guard) if that is unknown. */
 static void
-find_stack_limit(void)
+find_exact_stack_limit(void)
 {
     pthread_attr_t attr;
     void *base;
     size_t size;
-    stack_limit = 0;  /* unknown: no guard */
+    stack_limit = 0;
+    stack_limit_is_exact = 1;
     if (pthread_getattr_np(pthread_self(), &attr) != 0) {
         return;
     }
@@ -2011,6 +2030,27 @@ find_stack_limit(void)
     pthread_attr_destroy(&attr);
 }
 
+/* A thread's first limit.  For the main thread, glibc's
+   pthread_getattr_np() reads all of /proc/self/maps (about 100 us, 1% of
+   Python's startup), and most programs never run deep; so its first limit
+   is provisional: an eighth of RLIMIT_STACK below the first frame, which
+   exec() leaves free (arguments and environment take at most a quarter of
+   it).  Frames past it find the real limit. */
+static void
+find_stack_limit(void)
+{
+    struct rlimit limit;
+    if (syscall(SYS_gettid) == current_pid()
+        && getrlimit(RLIMIT_STACK, &limit) == 0
+        && limit.rlim_cur != RLIM_INFINITY)
+    {
+        stack_limit = current_stack_address() - (uintptr_t)limit.rlim_cur / 8;
+        stack_limit_is_exact = 0;
+        return;
+    }
+    find_exact_stack_limit();
+}
+
 /* Evaluate a frame that the fast path could not serve.  The hook may
    return NULL without evaluating the frame: its caller clears it. */
 static Py_NO_INLINE PyObject *
@@ -2019,6 +2059,9 @@ evaluate_slow(PyThreadState *tstate, _PyInterpreterFrame *frame,
 {
     if (stack_limit == UINTPTR_MAX) {
         find_stack_limit();
+    }
+    if (current_stack_address() <= stack_limit && !stack_limit_is_exact) {
+        find_exact_stack_limit();
     }
     if (current_stack_address() <= stack_limit) {
         PyErr_SetString(PyExc_RecursionError,

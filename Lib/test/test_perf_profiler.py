@@ -553,6 +553,42 @@ class PerfMapTests(unittest.TestCase):
         out, _ = self.run_checked(script, "-X", "perf")
         self.assertEqual(out.split(), ["RecursionError", "50000"])
 
+    def test_recursion_depth_follows_the_stack_limit(self):
+        # The main thread's first C stack limit is provisional (an eighth
+        # of RLIMIT_STACK below its first frame), and frames past it find
+        # the real one: a small stack still ends in RecursionError, and a
+        # big one allows recursion far past the provisional limit.
+        import resource
+        big = 64 * 1024 * 1024
+        hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
+        if hard != resource.RLIM_INFINITY and hard < big:
+            self.skipTest("the hard stack limit is below 64 MiB")
+        script = textwrap.dedent("""
+            import os, sys
+            sys.setrecursionlimit(1_000_000)
+            def down(n):
+                return 0 if n == 0 else down(n - 1) + 1
+            try:
+                result = down(100_000)
+            except RecursionError:
+                result = "RecursionError"
+            print(os.getpid(), result)
+        """)
+
+        def run_with_stack(size):
+            def limit_stack():
+                resource.setrlimit(resource.RLIMIT_STACK, (size, hard))
+            proc = subprocess.run([sys.executable, "-X", "perf", "-c", script],
+                                  capture_output=True, text=True,
+                                  env=clean_env(), preexec_fn=limit_stack)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            pid, result = proc.stdout.split()
+            remove_map(int(pid))
+            return result
+
+        self.assertEqual(run_with_stack(2 * 1024 * 1024), "RecursionError")
+        self.assertEqual(run_with_stack(big), "100000")
+
     def test_write_xor_execute(self):
         script = """
             import os, sys

@@ -790,13 +790,21 @@ start_entry(char *buf, const void *addr, size_t size)
     return w;
 }
 
-static size_t
-finish_entry(char *buf, name_writer *w)
+/* A name cut at the limit ends in "...". */
+static void
+end_name(name_writer *w)
 {
     if (w->truncated) {
         memcpy(w->buf + w->len, "...", 3);
         w->len += 3;
+        w->truncated = 0;
     }
+}
+
+static size_t
+finish_entry(char *buf, name_writer *w)
+{
+    end_name(w);
     w->buf[w->len++] = '\n';
     return (size_t)(w->buf - buf) + w->len;
 }
@@ -900,20 +908,23 @@ typedef struct {
     int jitdump;
 } write_errors;
 
+static write_errors write_records(const char *records, size_t len,
+                                  int to_map, write_errors err);
+
+/* Write out buffered jitdump records (of a dump being filled from the
+   map), then format the buffered line records and write their lines to
+   the map (if to_map) and their records to the dump (if open here). */
 static write_errors
-write_entries(const char *map, size_t map_len,
+write_entries(const char *records, size_t records_len, int to_map,
               const char *jitdump_data, size_t jitdump_len)
 {
     write_errors err = {0, 0};
-    if (map_len > 0 && perf_map_append_locked(map, map_len) < 0) {
-        err.map = errno;
-    }
     if (jitdump_len > 0
         && jitdump_append_locked(jitdump_data, jitdump_len) < 0)
     {
         err.jitdump = errno;
     }
-    return err;
+    return write_records(records, records_len, to_map, err);
 }
 
 static void
@@ -927,38 +938,41 @@ keep_write_errors_locked(write_errors err)
     }
 }
 
-/* How many pending map bytes can be written: all, or none if the map
-   cannot be opened (the errno is kept, and the lines are lost). */
-static size_t
-writable_map_bytes_locked(void)
+/* Can the pending lines go to the map?  Not if it cannot be opened (the
+   errno is kept, and the lines are lost; the dump still gets its
+   records). */
+static int
+map_writable_locked(void)
 {
     if (pending.map.len > 0 && perf_map_ready_locked() < 0) {
         pending.map.error = errno;
         return 0;
     }
-    return pending.map.len;
+    return 1;
 }
 
 static void
 flush_pending_locked(void)
 {
     wait_for_flusher_write_locked();
-    size_t map_len = writable_map_bytes_locked();
-    keep_write_errors_locked(write_entries(pending.map.data, map_len,
-                                           pending.jitdump.data,
+    int to_map = map_writable_locked();
+    keep_write_errors_locked(write_entries(pending.map.data, pending.map.len,
+                                           to_map, pending.jitdump.data,
                                            pending.jitdump.len));
     pending.map.len = 0;
     pending.jitdump.len = 0;
 }
 
-/* The flusher's regular write.  It copies the due entries out and writes
-   them without the lock, so that a thread making a trampoline meanwhile
-   does not wait for the disk; pending.writing holds off every other use
-   of the files until it is done.  Called and returns with the lock. */
+/* The flusher's regular write.  It copies the due entries out, and formats
+   and writes them without the lock, so that a thread making a trampoline
+   meanwhile waits neither for the formatting nor for the disk;
+   pending.writing holds off every other use of the files until it is
+   done.  Called and returns with the lock. */
 static void
 write_due_entries_locked(void)
 {
-    size_t map_len = writable_map_bytes_locked();
+    int to_map = map_writable_locked();
+    size_t map_len = pending.map.len;
     size_t jitdump_len = pending.jitdump.len;
     memcpy(in_flight.map, pending.map.data, map_len);
     memcpy(in_flight.jitdump, pending.jitdump.data, jitdump_len);
@@ -966,7 +980,7 @@ write_due_entries_locked(void)
     pending.jitdump.len = 0;
     pending.writing = 1;
     pthread_mutex_unlock(&perf_map_lock);
-    write_errors err = write_entries(in_flight.map, map_len,
+    write_errors err = write_entries(in_flight.map, map_len, to_map,
                                      in_flight.jitdump, jitdump_len);
     pthread_mutex_lock(&perf_map_lock);
     pending.writing = 0;
@@ -1082,6 +1096,20 @@ fork_child(void)
     pthread_mutex_unlock(&perf_map_lock);
 }
 
+/* The first entries since the last write: the flusher writes them
+   FLUSH_DELAY_NS from now. */
+static void
+set_due_time_locked(void)
+{
+    clock_gettime(CLOCK_MONOTONIC, &pending.due);
+    pending.due.tv_nsec += FLUSH_DELAY_NS;
+    if (pending.due.tv_nsec >= 1000000000) {
+        pending.due.tv_sec++;
+        pending.due.tv_nsec -= 1000000000;
+    }
+    pthread_cond_broadcast(&pending.wakeup);
+}
+
 /* Buffer whole entries (at most PENDING_BYTES) for the flusher to write;
    with no flusher, write them at once with write_now.  Caller holds
    perf_map_lock. */
@@ -1096,49 +1124,11 @@ defer_entries_locked(pending_buffer *buffer, const char *data, size_t len,
         flush_pending_locked();
     }
     if (nothing_pending()) {
-        clock_gettime(CLOCK_MONOTONIC, &pending.due);
-        pending.due.tv_nsec += FLUSH_DELAY_NS;
-        if (pending.due.tv_nsec >= 1000000000) {
-            pending.due.tv_sec++;
-            pending.due.tv_nsec -= 1000000000;
-        }
-        pthread_cond_broadcast(&pending.wakeup);
+        set_due_time_locked();
     }
     memcpy(buffer->data + buffer->len, data, len);
     buffer->len += len;
     return 0;
-}
-
-/* Queue one of perf mode's own lines.  Returns -1 with errno set if the
-   map cannot be written (now, or by an earlier deferred write).  Caller
-   holds perf_map_lock. */
-static int
-queue_map_line_locked(const char *line, size_t len)
-{
-    int err = take_error_locked(&pending.map);
-    if (err != 0) {
-        errno = err;
-        return -1;
-    }
-    if (perf_map_ready_locked() < 0) {
-        return -1;
-    }
-    return defer_entries_locked(&pending.map, line, len,
-                                perf_map_append_locked);
-}
-
-/* Format the map line "<addr> <size> py::<qualname>:<filename>\n" for a
-   code object's trampoline into line (MAX_LINE_BYTES); returns its
-   length. */
-static size_t
-format_code_line(char *line, py_trampoline code, PyCodeObject *co)
-{
-    name_writer w = start_entry(line, (const void *)code, template_size());
-    put_ascii(&w, (const Py_UCS1 *)"py::", 4);
-    put_unicode(&w, co->co_qualname);
-    put_ascii(&w, (const Py_UCS1 *)":", 1);
-    put_unicode(&w, co->co_filename);
-    return finish_entry(line, &w);
 }
 
 /* Raise OSError for a failed operation on one of our files (errno set). */
@@ -1240,6 +1230,11 @@ static struct {
     size_t size;
     size_t hdr_size;
 } unwind_tables;
+
+/* The most one trampoline's records take. */
+#define MAX_JITDUMP_BYTES (sizeof(jitdump_unwinding) \
+                           + sizeof(unwind_tables.data) + 8 \
+                           + sizeof(jitdump_code_load) + MAX_LINE_BYTES)
 
 static void
 jitdump_path(char *buf, size_t size, pid_t pid)
@@ -1609,18 +1604,19 @@ jitdump_open_locked(void)
     return 0;
 }
 
-/* Add the records for one trampoline: its unwinding tables, then its
-   code load.  Caller holds perf_map_lock. */
-static int
-jitdump_add_locked(uintptr_t addr, const char *name, size_t name_len)
+/* Encode the records for one trampoline into buf (MAX_JITDUMP_BYTES):
+   its unwinding tables, then its code load, both stamped with the time
+   the trampoline was made.  Returns their length.  Called with the lock,
+   or by the flusher while it writes (pending.writing). */
+static size_t
+encode_jitdump_load(char *buf, uintptr_t addr, const char *name,
+                    size_t name_len, uint64_t timestamp)
 {
-    char buf[sizeof(jitdump_unwinding) + sizeof(unwind_tables.data) + 8
-             + sizeof(jitdump_code_load) + MAX_LINE_BYTES];
-    uint64_t now = monotonic_ns();
     size_t unwinding_len = (sizeof(jitdump_unwinding) + unwind_tables.size
                             + 7) & ~(size_t)7;
     jitdump_unwinding unwinding = {
-        .prefix = {JIT_CODE_UNWINDING_INFO, (uint32_t)unwinding_len, now},
+        .prefix = {JIT_CODE_UNWINDING_INFO, (uint32_t)unwinding_len,
+                   timestamp},
         .unwinding_size = unwind_tables.size,
         .eh_frame_hdr_size = unwind_tables.hdr_size,
         .mapped_size = unwind_tables.size,
@@ -1632,7 +1628,7 @@ jitdump_add_locked(uintptr_t addr, const char *name, size_t name_len)
     size_t load_len = sizeof(jitdump_code_load) + name_len + 1
                       + template_size();
     jitdump_code_load load = {
-        .prefix = {JIT_CODE_LOAD, (uint32_t)load_len, now},
+        .prefix = {JIT_CODE_LOAD, (uint32_t)load_len, timestamp},
         .pid = (uint32_t)current_pid(),
         /* The mapping belongs to the whole process; naming the main
            thread spares a gettid() per record. */
@@ -1640,7 +1636,7 @@ jitdump_add_locked(uintptr_t addr, const char *name, size_t name_len)
         .vma = addr,
         .code_addr = addr,
         .code_size = template_size(),
-        .code_index = jitdump.next_index,
+        .code_index = jitdump.next_index++,
     };
     char *p = buf + unwinding_len;
     memcpy(p, &load, sizeof(load));
@@ -1650,12 +1646,26 @@ jitdump_add_locked(uintptr_t addr, const char *name, size_t name_len)
     p += name_len + 1;
     /* The trampoline holds a copy of the template. */
     memcpy(p, _Py_trampoline_func_start, template_size());
-    if (defer_entries_locked(&pending.jitdump, buf, unwinding_len + load_len,
-                             jitdump_append_locked) < 0) {
-        return -1;
-    }
-    jitdump.next_index++;
-    return 0;
+    return unwinding_len + load_len;
+}
+
+/* Is this process's dump open?  (After fork() the parent's may be.) */
+static int
+jitdump_open_here(void)
+{
+    return jitdump.fd >= 0 && jitdump.owner == current_pid();
+}
+
+/* Buffer the records of a trampoline named in the map: filling a new
+   dump.  Caller holds perf_map_lock. */
+static int
+jitdump_add_locked(uintptr_t addr, const char *name, size_t name_len)
+{
+    char buf[MAX_JITDUMP_BYTES];
+    size_t len = encode_jitdump_load(buf, addr, name, name_len,
+                                     monotonic_ns());
+    return defer_entries_locked(&pending.jitdump, buf, len,
+                                jitdump_append_locked);
 }
 
 /* The address and name of a map line of ours ("<addr> <size> py::..."),
@@ -1723,32 +1733,6 @@ jitdump_ready_locked(int *filled)
                               add_map_lines_to_jitdump, NULL);
 }
 
-/* Add a map line just queued to the dump, when perf_jit is the backend.
-   Returns -1 with errno set on failure.  Caller holds perf_map_lock. */
-static int
-jitdump_add_line_locked(const char *line, size_t len)
-{
-    int err = take_error_locked(&pending.jitdump);
-    if (err != 0) {
-        errno = err;
-        return -1;
-    }
-    if (!jitdump.wanted) {
-        return 0;
-    }
-    int filled;
-    if (jitdump_ready_locked(&filled) < 0) {
-        return -1;
-    }
-    if (filled) {
-        return 0;   /* the new dump took the line from the map */
-    }
-    const char *name;
-    size_t name_len;
-    uintptr_t addr = parse_own_line(line, len - 1, &name, &name_len);
-    return addr != 0 ? jitdump_add_locked(addr, name, name_len) : 0;
-}
-
 /* Switch the dump on or off with the backend.  Returns -1 with an
    exception set if it cannot be opened. */
 static int
@@ -1774,27 +1758,228 @@ jitdump_set_wanted(int wanted)
     return res;
 }
 
+/* perf mode's own lines wait in pending.map as records, and are formatted
+   when they are written out: by the flusher, off the thread that made
+   the trampoline, or by whoever flushes.  Formatted at once, a line cost
+   as much as the rest of a new code object, and all of it in cold code.
+   A record is this header and the name.  The name is raw when both
+   names are ASCII, "py::<qualname>:<filename>" as it is, control
+   characters still to escape (cut after MAX_NAME_BYTES + 1 bytes, enough
+   to tell that the line needs "..."); otherwise it is as the map shows
+   it. */
+typedef struct {
+    uintptr_t addr;
+    uint64_t timestamp;     /* when the trampoline was made, for jitdump */
+    uint32_t name_len;
+    uint32_t name_is_raw;
+} line_record;
+
+#define RAW_NAME_CAP (MAX_NAME_BYTES + 1)
+#define MAX_RECORD_BYTES (sizeof(line_record) + MAX_NAME_BYTES + 8)
+
+static int
+is_ascii_str(PyObject *str)
+{
+    return str != NULL && PyUnicode_Check(str) && PyUnicode_IS_READY(str)
+           && PyUnicode_IS_ASCII(str);
+}
+
+/* Append n bytes of s to a raw name of *len bytes, up to RAW_NAME_CAP. */
+static inline void
+add_raw(char *name, size_t *len, const void *s, size_t n)
+{
+    size_t room = RAW_NAME_CAP - *len;
+    if (n > room) {
+        n = room;
+    }
+    memcpy(name + *len, s, n);
+    *len += n;
+}
+
+/* The name part of a record for a code object: returns its length. */
+static size_t
+put_record_name(char *name, PyCodeObject *co, uint32_t *is_raw)
+{
+    PyObject *qualname = co->co_qualname, *filename = co->co_filename;
+    if (is_ascii_str(qualname) && is_ascii_str(filename)) {
+        size_t len = 0;
+        add_raw(name, &len, "py::", 4);
+        add_raw(name, &len, PyUnicode_1BYTE_DATA(qualname),
+                (size_t)PyUnicode_GET_LENGTH(qualname));
+        add_raw(name, &len, ":", 1);
+        add_raw(name, &len, PyUnicode_1BYTE_DATA(filename),
+                (size_t)PyUnicode_GET_LENGTH(filename));
+        *is_raw = 1;
+        return len;
+    }
+    name_writer w = {name, 0, MAX_NAME_BYTES, 0};
+    put_ascii(&w, (const Py_UCS1 *)"py::", 4);
+    put_unicode(&w, qualname);
+    put_ascii(&w, (const Py_UCS1 *)":", 1);
+    put_unicode(&w, filename);
+    end_name(&w);
+    *is_raw = 0;
+    return w.len;
+}
+
+/* Buffer the record of a new trampoline for co.  Write errors (of a full
+   buffer, or with no flusher) are kept with the buffers.  Caller holds
+   perf_map_lock and the GIL, and has checked that the files are ready. */
+static void
+queue_code_record_locked(py_trampoline code, PyCodeObject *co)
+{
+    int no_flusher = start_flusher_locked() < 0;
+    if (pending.map.len + MAX_RECORD_BYTES > PENDING_BYTES) {
+        flush_pending_locked();
+    }
+    if (nothing_pending() && !no_flusher) {
+        set_due_time_locked();
+    }
+    line_record record = {(uintptr_t)code,
+                          jitdump.wanted ? monotonic_ns() : 0, 0, 0};
+    char *at = pending.map.data + pending.map.len;
+    record.name_len = (uint32_t)put_record_name(at + sizeof(record), co,
+                                                &record.name_is_raw);
+    memcpy(at, &record, sizeof(record));
+    pending.map.len += sizeof(record) + record.name_len;
+    if (no_flusher) {
+        flush_pending_locked();
+    }
+}
+
+/* Where write_records() formats lines and jitdump records before writing
+   them.  One writer uses it at a time: the flusher while pending.writing
+   is set, or a flush that holds the lock and has waited for the
+   flusher. */
+static struct {
+    char map[PENDING_BYTES];
+    size_t map_len;
+    char jitdump[PENDING_BYTES];
+    size_t jitdump_len;
+} formatted;
+
+static void
+write_formatted(write_errors *err)
+{
+    if (formatted.map_len > 0 && err->map == 0
+        && perf_map_append_locked(formatted.map, formatted.map_len) < 0)
+    {
+        err->map = errno;
+    }
+    if (formatted.jitdump_len > 0 && err->jitdump == 0
+        && jitdump_append_locked(formatted.jitdump,
+                                 formatted.jitdump_len) < 0)
+    {
+        err->jitdump = errno;
+    }
+    formatted.map_len = 0;
+    formatted.jitdump_len = 0;
+}
+
+/* Format records[0:len] and write them: their lines to the map if to_map,
+   their jitdump records to this process's dump if it is open.  Writing
+   stops at a file's first error, kept in err. */
+static write_errors
+write_records(const char *records, size_t len, int to_map, write_errors err)
+{
+    int to_jitdump = jitdump_open_here();
+    const char *p = records, *end = records + len;
+    while (p < end) {
+        line_record record;
+        memcpy(&record, p, sizeof(record));
+        const char *name = p + sizeof(record);
+        p = name + record.name_len;
+        if (PENDING_BYTES - formatted.map_len < MAX_LINE_BYTES
+            || PENDING_BYTES - formatted.jitdump_len < MAX_JITDUMP_BYTES)
+        {
+            write_formatted(&err);
+        }
+        char *line = formatted.map + formatted.map_len;
+        name_writer w = start_entry(line, (const void *)record.addr,
+                                    template_size());
+        if (record.name_is_raw) {
+            put_ascii(&w, (const Py_UCS1 *)name, record.name_len);
+        }
+        else {
+            memcpy(w.buf, name, record.name_len);
+            w.len = record.name_len;
+        }
+        end_name(&w);
+        size_t line_len = finish_entry(line, &w);
+        if (to_map) {
+            formatted.map_len += line_len;
+        }
+        if (to_jitdump) {
+            uint64_t made = record.timestamp ? record.timestamp
+                                             : monotonic_ns();
+            formatted.jitdump_len += encode_jitdump_load(
+                formatted.jitdump + formatted.jitdump_len, record.addr,
+                w.buf, w.len - 1, made);
+        }
+    }
+    write_formatted(&err);
+    return err;
+}
+
+/* A write of earlier entries that failed: -1 (map) or -2 (dump) with
+   errno set, or 0. */
+static int
+take_write_error_locked(void)
+{
+    int err = take_error_locked(&pending.map);
+    if (err != 0) {
+        errno = err;
+        return -1;
+    }
+    err = take_error_locked(&pending.jitdump);
+    if (err != 0) {
+        errno = err;
+        return -2;
+    }
+    return 0;
+}
+
+/* Are the map and, with perf_jit, this process's dump ready for a new
+   trampoline's entries?  0, or -1 (map) or -2 (dump) with errno set. */
+static int
+outputs_ready_locked(void)
+{
+    int res = take_write_error_locked();
+    if (res < 0) {
+        return res;
+    }
+    if (perf_map_ready_locked() < 0) {
+        return -1;
+    }
+    int filled;
+    if (jitdump.wanted && jitdump_ready_locked(&filled) < 0) {
+        return -2;
+    }
+    return 0;
+}
+
 /* Name a new trampoline in the map and, with perf_jit, in the dump: before
-   its first use, as a sample may land in it right away.  Returns -1 with
-   an exception set on failure. */
+   its first use, as a sample may land in it right away (perf reads them
+   when it reports).  Returns -1 with an exception set on failure. */
 static int
 announce_trampoline(py_trampoline code, PyCodeObject *co)
 {
-    char line[MAX_LINE_BYTES];
-    size_t len = format_code_line(line, code, co);
     pthread_mutex_lock(&perf_map_lock);
-    int map_failed = queue_map_line_locked(line, len) < 0;
-    int jitdump_failed = !map_failed && jitdump_add_line_locked(line, len) < 0;
+    int failed = outputs_ready_locked();
+    if (failed == 0) {
+        queue_code_record_locked(code, co);
+        failed = take_write_error_locked();     /* of a write just made */
+    }
     perf_map_unlock();      /* keeps errno */
     /* Exceptions only outside the lock: making one may run a finalizer,
        and Python code may need the lock. */
-    if (map_failed) {
+    if (failed == -1) {
         set_map_error();
     }
-    else if (jitdump_failed) {
+    else if (failed == -2) {
         set_jitdump_error();
     }
-    return (map_failed || jitdump_failed) ? -1 : 0;
+    return failed < 0 ? -1 : 0;
 }
 
 

@@ -49,19 +49,24 @@ def shim():
 
 class FaultTests(unittest.TestCase):
 
-    def run_faulty(self, faults, args=("-X", "perf"), script=WORK):
-        """Run script under the shim; return (stdout, warnings, map lines)
-        after checking the exit status and the map's format."""
+    def run_under_shim(self, faults, args, script):
+        """Run script under the shim; return (pid, stdout, warnings) after
+        checking the exit status."""
         env = clean_env(LD_PRELOAD=shim(),
                         **{k: str(v) for k, v in faults.items()})
         proc = run([python(PATCHED), *args, "-c", script], check=False,
                    env=env)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         pid = int(re.search(r"^pid (\d+)$", proc.stderr, re.M)[1])
-        self.pid = pid
         warnings = [line for line in proc.stderr.splitlines()
                     if not line.startswith("pid ")]
-        return proc.stdout, warnings, self.map_lines(pid)
+        return pid, proc.stdout, warnings
+
+    def run_faulty(self, faults, args=("-X", "perf"), script=WORK):
+        """Run script under the shim; return (stdout, warnings, map lines)
+        after checking the exit status and the map's format."""
+        pid, out, warnings = self.run_under_shim(faults, args, script)
+        return out, warnings, self.map_lines(pid)
 
     def map_lines(self, pid):
         path = f"/tmp/perf-{pid}.map"
@@ -143,13 +148,14 @@ class FaultTests(unittest.TestCase):
         """run_faulty() under perf_jit with the faults aimed at its dump;
         returns (stdout, warnings, code loads), the loads None if there is
         no dump, after checking that it holds whole records only."""
-        out, warnings, _ = self.run_faulty(
-            {"FAULT_FILE": "jitdump", **faults}, args=("-X", "perf_jit"))
-        path = f"/tmp/jit-{self.pid}.dump"
+        pid, out, warnings = self.run_under_shim(
+            {"FAULT_FILE": "jitdump", **faults}, ("-X", "perf_jit"), WORK)
+        self.map_lines(pid)     # checks and removes the map
+        path = f"/tmp/jit-{pid}.dump"
         if not os.path.exists(path):
             return out, warnings, None
         try:
-            _, loads = read_jitdump(self.pid)
+            _, loads = read_jitdump(pid)
         finally:
             os.unlink(path)
         return out, warnings, loads

@@ -1710,12 +1710,11 @@ add_map_lines_to_jitdump(const char *lines, size_t len, void *Py_UNUSED(arg))
 
 /* Make sure this process's dump is open.  A new one (perf_jit turned on,
    or a fork) gets every trampoline of ours that the map lists, which
-   includes those inherited from a parent.  Sets *filled when it did
-   that.  Caller holds perf_map_lock. */
+   includes those inherited from a parent.  Caller holds
+   perf_map_lock. */
 static int
-jitdump_ready_locked(int *filled)
+jitdump_ready_locked(void)
 {
-    *filled = 0;
     if (jitdump.fd >= 0 && jitdump.owner == current_pid()) {
         return 0;
     }
@@ -1728,7 +1727,6 @@ jitdump_ready_locked(int *filled)
     if (jitdump_open_locked() < 0) {
         return -1;
     }
-    *filled = 1;
     return for_each_map_chunk(perf_map.fd, perf_map.size,
                               add_map_lines_to_jitdump, NULL);
 }
@@ -1739,10 +1737,10 @@ static int
 jitdump_set_wanted(int wanted)
 {
     lock_perf_files();
-    int res = 0, filled;
+    int res = 0;
     jitdump.wanted = wanted;
     if (wanted) {
-        res = jitdump_ready_locked(&filled);
+        res = jitdump_ready_locked();
         if (res < 0) {
             jitdump.wanted = 0;
             jitdump_close_locked();
@@ -1904,7 +1902,6 @@ write_records(const char *records, size_t len, int to_map, write_errors err)
             memcpy(w.buf, name, record.name_len);
             w.len = record.name_len;
         }
-        end_name(&w);
         size_t line_len = finish_entry(line, &w);
         if (to_map) {
             formatted.map_len += line_len;
@@ -1951,8 +1948,7 @@ outputs_ready_locked(void)
     if (perf_map_ready_locked() < 0) {
         return -1;
     }
-    int filled;
-    if (jitdump.wanted && jitdump_ready_locked(&filled) < 0) {
+    if (jitdump.wanted && jitdump_ready_locked() < 0) {
         return -2;
     }
     return 0;
@@ -2394,9 +2390,8 @@ _PyPerfTrampoline_AfterFork_Child(void)
 {
     lock_perf_files();
     int map_failed = perf_map.fd >= 0 && perf_map_fork_locked() < 0;
-    int filled;
     int jitdump_failed = !map_failed && jitdump.wanted
-                         && jitdump_ready_locked(&filled) < 0;
+                         && jitdump_ready_locked() < 0;
     perf_map_unlock();
     /* Exceptions only outside the lock: making one may run a finalizer,
        and Python code may need the lock. */

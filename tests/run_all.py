@@ -10,6 +10,7 @@ anything failed."""
 
 import glob
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,7 +90,19 @@ def perf_files():
     return set(glob.glob("/tmp/perf-*.map") + glob.glob("/tmp/jit-*.dump"))
 
 
+def let_tests_see_sigint():
+    """A command started in the background by a shell without job control
+    (`cmd &` in a script) has SIGINT ignored, and its children inherit
+    that: Python then installs no KeyboardInterrupt handler, and the
+    regression tests that send themselves SIGINT (test_generators,
+    test_threading) fail.  A handler of our own is reset to the default
+    in the children."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main():
+    let_tests_see_sigint()
     tally = Tally()
     files_before = perf_files()
     try:

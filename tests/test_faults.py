@@ -181,6 +181,30 @@ class FaultTests(unittest.TestCase):
         self.assertIn("/tmp/jit-", warnings[0])
         self.assertIsNone(loads)
 
+    def test_no_thread_for_the_flusher(self):
+        # Without the helper thread every line is written at once: all of
+        # them are in the map before the process exits, with no warning.
+        script = WORK + """
+with open(f"/tmp/perf-{os.getpid()}.map", "rb") as f:
+    print(sum(b" py::f" in line for line in f))
+"""
+        for backend in ("perf", "perf_jit"):
+            with self.subTest(backend=backend):
+                pid, out, warnings = self.run_under_shim(
+                    {"FAULT_THREAD": errno.EAGAIN}, ("-X", backend), script)
+                lines = self.map_lines(pid)
+                self.assertEqual(out, f"{EXPECTED}{FUNCTIONS}\n")
+                self.assertEqual(warnings, [])
+                self.assertEqual(sum(b" py::f" in line for line in lines),
+                                 FUNCTIONS)
+                if backend == "perf_jit":
+                    try:
+                        _, loads = read_jitdump(pid)
+                    finally:
+                        os.unlink(f"/tmp/jit-{pid}.dump")
+                    self.assertEqual(sum(load["name"].startswith("py::f")
+                                         for load in loads), FUNCTIONS)
+
     def test_sys_api_raises(self):
         script = ("import os, sys\n"
                   "print('pid', os.getpid(), file=sys.stderr)\n"

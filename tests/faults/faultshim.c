@@ -16,12 +16,15 @@
                            (a short write) and then fails with ENOSPC.
      FAULT_FILE=jitdump    FAULT_MAP_OPEN and FAULT_MAP_WRITE act on
                            /tmp/jit-*.dump files (perf_jit) instead.
+     FAULT_THREAD=E        pthread_create() fails with E (a number): the
+                           process is out of threads.
      FAULT_AFTER=N         the first N calls that match succeed.  */
 
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +36,7 @@ static long mmap_size = -1;
 static int mprotect_exec;
 static int map_open_errno;
 static int map_write_errno = -1;
+static int thread_errno;
 static long passes_left;
 static const char *target_prefix = "/tmp/perf-";
 static const char *target_suffix = ".map";
@@ -51,6 +55,7 @@ read_config(void)
     mprotect_exec = (int)env_number("FAULT_MPROTECT_EXEC", 0);
     map_open_errno = (int)env_number("FAULT_MAP_OPEN", 0);
     map_write_errno = (int)env_number("FAULT_MAP_WRITE", -1);
+    thread_errno = (int)env_number("FAULT_THREAD", 0);
     passes_left = env_number("FAULT_AFTER", 0);
     const char *file = getenv("FAULT_FILE");
     if (file != NULL && strcmp(file, "jitdump") == 0) {
@@ -217,4 +222,15 @@ write(int fd, const void *buf, size_t count)
     }
     errno = map_write_errno != 0 ? map_write_errno : ENOSPC;
     return -1;
+}
+
+int
+pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+               void *(*start)(void *), void *arg)
+{
+    REAL(pthread_create);
+    if (thread_errno != 0 && should_fail()) {
+        return thread_errno;
+    }
+    return real_pthread_create(thread, attr, start, arg);
 }

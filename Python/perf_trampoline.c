@@ -1110,6 +1110,24 @@ set_due_time_locked(void)
     pthread_cond_broadcast(&pending.wakeup);
 }
 
+/* Make room for len more bytes in buffer, and start the flush delay if
+   nothing is pending yet.  Returns -1 if no flusher can be started: the
+   caller then writes the entries itself.  Caller holds perf_map_lock. */
+static int
+make_room_locked(pending_buffer *buffer, size_t len)
+{
+    if (buffer->len + len > PENDING_BYTES) {
+        flush_pending_locked();
+    }
+    if (start_flusher_locked() < 0) {
+        return -1;
+    }
+    if (nothing_pending()) {
+        set_due_time_locked();
+    }
+    return 0;
+}
+
 /* Buffer whole entries (at most PENDING_BYTES) for the flusher to write;
    with no flusher, write them at once with write_now.  Caller holds
    perf_map_lock. */
@@ -1117,14 +1135,8 @@ static int
 defer_entries_locked(pending_buffer *buffer, const char *data, size_t len,
                      int (*write_now)(const char *, size_t))
 {
-    if (start_flusher_locked() < 0) {
+    if (make_room_locked(buffer, len) < 0) {
         return write_now(data, len);
-    }
-    if (buffer->len + len > PENDING_BYTES) {
-        flush_pending_locked();
-    }
-    if (nothing_pending()) {
-        set_due_time_locked();
     }
     memcpy(buffer->data + buffer->len, data, len);
     buffer->len += len;
@@ -1715,11 +1727,10 @@ add_map_lines_to_jitdump(const char *lines, size_t len, void *Py_UNUSED(arg))
 static int
 jitdump_ready_locked(void)
 {
-    if (jitdump.fd >= 0 && jitdump.owner == current_pid()) {
+    if (jitdump_open_here()) {
         return 0;
     }
-    wait_for_flusher_write_locked();
-    jitdump_close_locked();     /* a parent's */
+    jitdump_close_locked();     /* a parent's (it waits for the flusher) */
     flush_pending_locked();
     if (perf_map_ready_locked() < 0) {
         return -1;
@@ -1826,13 +1837,7 @@ put_record_name(char *name, PyCodeObject *co, uint32_t *is_raw)
 static void
 queue_code_record_locked(py_trampoline code, PyCodeObject *co)
 {
-    int no_flusher = start_flusher_locked() < 0;
-    if (pending.map.len + MAX_RECORD_BYTES > PENDING_BYTES) {
-        flush_pending_locked();
-    }
-    if (nothing_pending() && !no_flusher) {
-        set_due_time_locked();
-    }
+    int no_flusher = make_room_locked(&pending.map, MAX_RECORD_BYTES) < 0;
     line_record record = {(uintptr_t)code,
                           jitdump.wanted ? monotonic_ns() : 0, 0, 0};
     char *at = pending.map.data + pending.map.len;

@@ -151,14 +151,18 @@ class FaultTests(unittest.TestCase):
         pid, out, warnings = self.run_under_shim(
             {"FAULT_FILE": "jitdump", **faults}, ("-X", "perf_jit"), WORK)
         self.map_lines(pid)     # checks and removes the map
+        return out, warnings, self.jitdump_loads(pid)
+
+    def jitdump_loads(self, pid):
+        """The code loads of the process's dump, None if it has none; the
+        dump must hold whole records only, and is removed."""
         path = f"/tmp/jit-{pid}.dump"
         if not os.path.exists(path):
-            return out, warnings, None
+            return None
         try:
-            _, loads = read_jitdump(pid)
+            return read_jitdump(pid)[1]
         finally:
             os.unlink(path)
-        return out, warnings, loads
 
     def test_jitdump_disk_full_mid_run(self):
         # The header and the first buffer of records are written; then a
@@ -198,10 +202,7 @@ with open(f"/tmp/perf-{os.getpid()}.map", "rb") as f:
                 self.assertEqual(sum(b" py::f" in line for line in lines),
                                  FUNCTIONS)
                 if backend == "perf_jit":
-                    try:
-                        _, loads = read_jitdump(pid)
-                    finally:
-                        os.unlink(f"/tmp/jit-{pid}.dump")
+                    loads = self.jitdump_loads(pid)
                     self.assertEqual(sum(load["name"].startswith("py::f")
                                          for load in loads), FUNCTIONS)
 

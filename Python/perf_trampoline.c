@@ -103,7 +103,7 @@ perf_requested(const PyConfig *config)
 #include <sys/mman.h>             // mmap()
 #include <sys/resource.h>         // getrlimit()
 #include <sys/stat.h>             // fstat()
-#include <sys/syscall.h>          // SYS_gettid
+#include <sys/auxv.h>             // getauxval()
 #include <unistd.h>               // write(), getpid()
 
 typedef PyObject *(*py_evaluator)(PyThreadState *, _PyInterpreterFrame *,
@@ -112,16 +112,18 @@ typedef PyObject *(*py_trampoline)(PyThreadState *, _PyInterpreterFrame *,
                                    int throwflag, py_evaluator);
 
 /* getpid() is a system call (glibc stopped caching it), and arenas and
-   the map need the pid for every new trampoline, to notice a fork that
-   skipped PyOS_AfterFork_Child().  A fork handler keeps a copy.  The
-   process hooks are installed once, on first use; the fork and exit
-   handlers also write out deferred map lines (see below). */
+   the map need the pid for every new trampoline, to notice a fork.  A
+   fork handler keeps a copy.  The process hooks are installed once, on
+   first use; the fork and exit handlers also write out deferred map lines
+   (see below), and the child's handler has its first Python frame give it
+   its own map (see adopt_outputs_after_fork). */
 static pid_t cached_pid;
 static pthread_once_t process_hooks_once = PTHREAD_ONCE_INIT;
 
 static void fork_prepare(void);
 static void fork_parent(void);
 static void fork_child(void);
+static void hook_after_fork(void);
 static void init_flusher_conditions(void);
 static void flush_pending(void);
 
@@ -167,18 +169,27 @@ extern const char _Py_trampoline_func_end[];
    that from reaching into an arena mapped right after. */
 #define ARENA_RESERVE 256
 
-typedef struct {
-    char *start;
-    char *end;
-} arena_range;
+/* Arenas are carved, one after the other, out of a single reservation of
+   address space (PROT_NONE: no memory behind it), so that telling a
+   trampoline of ours from anything else is one comparison.  The hook
+   needs that on every call: a co_extra slot that is ours in this
+   interpreter may hold another tool's data in a code object that all
+   interpreters share (the deep-frozen ones), and that must never be
+   called.  The reservation is as large as the address-space limit
+   allows, from 1 GiB (64 Mi trampolines) down to 16 MiB.  A page is left
+   between arenas, so that the kernel never merges two of them into one
+   mapping: perf names a mapping after the process that made it. */
+#define REGION_MAX_SIZE ((size_t)1 << 30)
+#define REGION_MIN_SIZE ((size_t)16 << 20)
 
 typedef struct {
-    pid_t owner;        /* the process that mapped the current arena */
+    char *region;       /* the reservation, or NULL */
+    size_t region_size;
+    char *region_next;  /* where the next arena goes */
+    pid_t owner;        /* the process that made the current arena */
     char *next;         /* next free trampoline */
     char *end;          /* end of the current arena's trampolines */
     size_t last_size;   /* size of the current arena */
-    arena_range *all;   /* every arena, to tell our code from others' */
-    size_t count;
 } arena_state;
 
 static arena_state arenas;
@@ -196,18 +207,15 @@ trampoline_stride(void)
     return (size + TRAMPOLINE_ALIGN - 1) & ~(size_t)(TRAMPOLINE_ALIGN - 1);
 }
 
-/* Is [addr, addr + size) a trampoline of ours? */
-static int
-in_arenas(uintptr_t addr, size_t size)
+/* Is p a trampoline of ours?  Only we map anything in the reservation,
+   and trampolines start on TRAMPOLINE_ALIGN boundaries of arenas carved
+   before region_next.  NULL is not one. */
+static inline int
+is_trampoline(const void *p)
 {
-    for (size_t i = 0; i < arenas.count; i++) {
-        if ((uintptr_t)arenas.all[i].start <= addr
-            && addr + size <= (uintptr_t)arenas.all[i].end)
-        {
-            return 1;
-        }
-    }
-    return 0;
+    uintptr_t offset = (uintptr_t)p - (uintptr_t)arenas.region;
+    return offset < (uintptr_t)(arenas.region_next - arenas.region)
+           && offset % TRAMPOLINE_ALIGN == 0;
 }
 
 /* Fill the first len bytes (whole strides) of a fresh, zeroed mapping with
@@ -225,25 +233,55 @@ fill_with_template(char *mem, size_t len)
     }
 }
 
-/* Map a new arena, fill it with copies of the template, then make it
-   read+execute.  Returns -1 with errno set on failure. */
 static int
-new_arena(void)
+reserve_region(void)
+{
+    for (size_t size = REGION_MAX_SIZE; size >= REGION_MIN_SIZE; size /= 2) {
+        char *mem = mmap(NULL, size, PROT_NONE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (mem != MAP_FAILED) {
+            arenas.region = arenas.region_next = mem;
+            arenas.region_size = size;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* The size of the next arena, or 0 if the reservation is used up. */
+static size_t
+next_arena_size(void)
 {
     size_t size = arenas.last_size ? arenas.last_size * 2 : ARENA_MIN_SIZE;
     if (size > ARENA_MAX_SIZE) {
         size = ARENA_MAX_SIZE;
     }
-    arena_range *all = PyMem_RawRealloc(arenas.all, (arenas.count + 1)
-                                                    * sizeof(arena_range));
-    if (all == NULL) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t left = arenas.region_size
+                  - (size_t)(arenas.region_next - arenas.region);
+    if (left < ARENA_MIN_SIZE + page) {
+        return 0;
+    }
+    return size < left - page ? size : left - page;
+}
+
+/* Make the next part of the reservation an arena: writable while it is
+   filled with copies of the template, then read+execute.  The part stays
+   reserved whatever fails (mprotect() never leaves a hole another mapping
+   could take).  Returns -1 with errno set on failure. */
+static int
+new_arena(void)
+{
+    if (arenas.region == NULL && reserve_region() < 0) {
+        return -1;
+    }
+    size_t size = next_arena_size();
+    if (size == 0) {
         errno = ENOMEM;
         return -1;
     }
-    arenas.all = all;
-    char *mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mem == MAP_FAILED) {
+    char *mem = arenas.region_next;
+    if (mprotect(mem, size, PROT_READ | PROT_WRITE) < 0) {
         return -1;
     }
     size_t stride = trampoline_stride();
@@ -251,20 +289,18 @@ new_arena(void)
     fill_with_template(mem, count * stride);
     if (mprotect(mem, size, PROT_READ | PROT_EXEC) < 0) {
         int saved_errno = errno;
-        munmap(mem, size);
+        (void)mprotect(mem, size, PROT_NONE);
         errno = saved_errno;
         return -1;
     }
     /* Needed on architectures whose instruction cache does not snoop data
        writes (aarch64); a no-op on x86_64. */
     __builtin___clear_cache(mem, mem + size);
+    arenas.region_next = mem + size + (size_t)sysconf(_SC_PAGESIZE);
     arenas.owner = current_pid();
     arenas.next = mem;
     arenas.end = mem + count * stride;
     arenas.last_size = size;
-    arenas.all[arenas.count].start = mem;
-    arenas.all[arenas.count].end = arenas.end;
-    arenas.count++;
     return 0;
 }
 
@@ -457,15 +493,21 @@ perf_map_append_locked(const char *buf, size_t len)
 
 typedef int (*lines_handler)(const char *lines, size_t len, void *arg);
 
-/* Call handle() on the complete lines among the first `size` bytes of the
-   map file open as src_fd, a chunk at a time. */
+/* Where for_each_map_chunk() reads.  Not on the C stack: it runs on
+   threads whose stacks may be 32 KiB (fork, activation, the C API).
+   Guarded by perf_map_lock. */
+static char map_chunk[64 * 1024];
+
+/* Call handle() on the complete lines of the map file open as src_fd from
+   byte `offset` up to byte `size`, a chunk at a time.  Caller holds
+   perf_map_lock. */
 static int
-for_each_map_chunk(int src_fd, off_t size, lines_handler handle, void *arg)
+for_each_map_chunk(int src_fd, off_t offset, off_t size, lines_handler handle,
+                   void *arg)
 {
-    char buf[64 * 1024];
-    off_t offset = 0;
+    char *buf = map_chunk;
     while (offset < size) {
-        size_t want = sizeof(buf);
+        size_t want = sizeof(map_chunk);
         if ((off_t)want > size - offset) {
             want = (size_t)(size - offset);
         }
@@ -483,7 +525,7 @@ for_each_map_chunk(int src_fd, off_t size, lines_handler handle, void *arg)
             len--;
         }
         if (len == 0) {
-            if ((size_t)n < sizeof(buf)) {
+            if ((size_t)n < sizeof(map_chunk)) {
                 return 0;  /* only a partial line is left */
             }
             errno = EINVAL;  /* a line longer than the buffer */
@@ -510,7 +552,7 @@ append_map_lines(const char *lines, size_t len, void *Py_UNUSED(arg))
 static int
 perf_map_copy_locked(int src_fd, off_t size)
 {
-    return for_each_map_chunk(src_fd, size, append_map_lines, NULL);
+    return for_each_map_chunk(src_fd, 0, size, append_map_lines, NULL);
 }
 
 /* In a forked child, swap the parent's map for our own.  The parent's file
@@ -542,7 +584,7 @@ perf_map_ready_locked(void)
     if (perf_map.fd < 0) {
         return perf_map_open_locked();
     }
-    /* Forked without PyOS_AfterFork_Child() (a C extension's fork). */
+    /* A forked child's first use: the parent's map is still open. */
     return perf_map_fork_locked();
 }
 
@@ -809,15 +851,23 @@ finish_entry(char *buf, name_writer *w)
     return (size_t)(w->buf - buf) + w->len;
 }
 
-/* Append one line to this process's map, opening it first if needed.
+/* Where write_map_line() formats a line: not on the C stack of a caller
+   that may have a small one.  Guarded by perf_map_lock. */
+static char api_line[MAX_LINE_BYTES];
+
+/* Append the line for [code_addr, code_addr + code_size) named by the
+   UTF-8 string name to this process's map, opening it first if needed.
    Any thread may call this, with or without the GIL. */
 static int
-write_map_line(const char *line, size_t len)
+write_map_line(const void *code_addr, unsigned int code_size,
+               const char *name)
 {
     lock_perf_files();
     int res = perf_map_ready_locked();
     if (res == 0) {
-        res = perf_map_append_locked(line, len);
+        name_writer w = start_entry(api_line, code_addr, code_size);
+        put_utf8(&w, name);
+        res = perf_map_append_locked(api_line, finish_entry(api_line, &w));
     }
     perf_map_unlock();
     return res;
@@ -1094,6 +1144,7 @@ fork_child(void)
     pending.flusher_owner = 0;
     init_flusher_conditions();      /* it may have had the flusher waiting */
     pthread_mutex_unlock(&perf_map_lock);
+    hook_after_fork();
 }
 
 /* The first entries since the last write: the flusher writes them
@@ -1125,21 +1176,6 @@ make_room_locked(pending_buffer *buffer, size_t len)
     if (nothing_pending()) {
         set_due_time_locked();
     }
-    return 0;
-}
-
-/* Buffer whole entries (at most PENDING_BYTES) for the flusher to write;
-   with no flusher, write them at once with write_now.  Caller holds
-   perf_map_lock. */
-static int
-defer_entries_locked(pending_buffer *buffer, const char *data, size_t len,
-                     int (*write_now)(const char *, size_t))
-{
-    if (make_room_locked(buffer, len) < 0) {
-        return write_now(data, len);
-    }
-    memcpy(buffer->data + buffer->len, data, len);
-    buffer->len += len;
     return 0;
 }
 
@@ -1233,7 +1269,8 @@ static struct {
     uint64_t next_index;    /* names perf inject's jitted-<pid>-<n>.so */
     const char *refusal;
     int wanted;             /* perf_jit is the backend */
-} jitdump = {-1, 0, 0, NULL, 0, 0, NULL, 0};
+    off_t map_done;         /* the map's bytes whose trampolines it has */
+} jitdump = {-1, 0, 0, NULL, 0, 0, NULL, 0, 0};
 
 /* .eh_frame (a CIE, one FDE, a terminator) then .eh_frame_hdr for the
    template; the same bytes serve every trampoline. */
@@ -1548,6 +1585,13 @@ build_unwind_tables(void)
     return 0;
 }
 
+/* Is this process's dump open?  (After fork() the parent's may be.) */
+static int
+jitdump_open_here(void)
+{
+    return jitdump.fd >= 0 && jitdump.owner == current_pid();
+}
+
 /* As perf_map_append_locked(), for the jitdump. */
 static int
 jitdump_append_locked(const char *buf, size_t len)
@@ -1559,6 +1603,13 @@ static void
 jitdump_close_locked(void)
 {
     flush_pending_locked();
+    if (jitdump_open_here() && perf_map.fd >= 0
+        && perf_map.owner == current_pid())
+    {
+        /* Every trampoline the map lists is in the dump now: opened again
+           (perf_jit switched back on), it needs only the later ones. */
+        jitdump.map_done = perf_map.size;
+    }
     if (jitdump.marker != NULL) {
         munmap(jitdump.marker, jitdump.marker_size);
         jitdump.marker = NULL;
@@ -1590,6 +1641,7 @@ jitdump_open_locked(void)
     jitdump.fd = fd;
     jitdump.owner = pid;
     if (jitdump.size == 0) {
+        jitdump.map_done = 0;
         jitdump_header header = {
             .magic = JITDUMP_MAGIC,
             .version = JITDUMP_VERSION,
@@ -1661,23 +1713,21 @@ encode_jitdump_load(char *buf, uintptr_t addr, const char *name,
     return unwinding_len + load_len;
 }
 
-/* Is this process's dump open?  (After fork() the parent's may be.) */
-static int
-jitdump_open_here(void)
-{
-    return jitdump.fd >= 0 && jitdump.owner == current_pid();
-}
-
-/* Buffer the records of a trampoline named in the map: filling a new
-   dump.  Caller holds perf_map_lock. */
-static int
+/* Buffer the records of a trampoline named in the map: filling a dump.
+   They are encoded in place (a trampoline's records are too big for the
+   C stack of a small thread).  A failed write is kept with the buffer.
+   Caller holds perf_map_lock. */
+static void
 jitdump_add_locked(uintptr_t addr, const char *name, size_t name_len)
 {
-    char buf[MAX_JITDUMP_BYTES];
-    size_t len = encode_jitdump_load(buf, addr, name, name_len,
-                                     monotonic_ns());
-    return defer_entries_locked(&pending.jitdump, buf, len,
-                                jitdump_append_locked);
+    int no_flusher = make_room_locked(&pending.jitdump,
+                                      MAX_JITDUMP_BYTES) < 0;
+    pending.jitdump.len += encode_jitdump_load(
+        pending.jitdump.data + pending.jitdump.len, addr, name, name_len,
+        monotonic_ns());
+    if (no_flusher) {
+        flush_pending_locked();
+    }
 }
 
 /* The address and name of a map line of ours ("<addr> <size> py::..."),
@@ -1693,7 +1743,7 @@ parse_own_line(const char *line, size_t len, const char **name,
     }
     unsigned long long size = strtoull(end + 1, &end, 16);
     if (*end != ' ' || strncmp(end + 1, "py::", 4) != 0
-        || size != template_size() || !in_arenas(addr, template_size()))
+        || size != template_size() || !is_trampoline((void *)addr))
     {
         return 0;
     }
@@ -1712,17 +1762,18 @@ add_map_lines_to_jitdump(const char *lines, size_t len, void *Py_UNUSED(arg))
         size_t name_len;
         uintptr_t addr = parse_own_line(lines, (size_t)(newline - lines),
                                         &name, &name_len);
-        if (addr != 0 && jitdump_add_locked(addr, name, name_len) < 0) {
-            return -1;
+        if (addr != 0) {
+            jitdump_add_locked(addr, name, name_len);
         }
         lines = newline + 1;
     }
     return 0;
 }
 
-/* Make sure this process's dump is open.  A new one (perf_jit turned on,
-   or a fork) gets every trampoline of ours that the map lists, which
-   includes those inherited from a parent.  Caller holds
+/* Make sure this process's dump is open.  It gets the trampolines of ours
+   that the map lists and it does not have yet: all of them for a new dump
+   (perf_jit turned on, or a fork; inherited ones included), those made
+   since it was closed for one opened again.  Caller holds
    perf_map_lock. */
 static int
 jitdump_ready_locked(void)
@@ -1738,8 +1789,13 @@ jitdump_ready_locked(void)
     if (jitdump_open_locked() < 0) {
         return -1;
     }
-    return for_each_map_chunk(perf_map.fd, perf_map.size,
-                              add_map_lines_to_jitdump, NULL);
+    if (for_each_map_chunk(perf_map.fd, jitdump.map_done, perf_map.size,
+                           add_map_lines_to_jitdump, NULL) < 0)
+    {
+        return -1;
+    }
+    jitdump.map_done = perf_map.size;
+    return 0;
 }
 
 /* Switch the dump on or off with the backend.  Returns -1 with an
@@ -2033,6 +2089,8 @@ set_fast_path(PyInterpreterState *interp, Py_ssize_t index)
     }
 }
 
+/* The trampoline in co's slot index, or NULL if the slot holds none of
+   ours (it may hold another tool's data: see is_trampoline). */
 static inline py_trampoline
 read_trampoline(PyCodeObject *co, Py_ssize_t index)
 {
@@ -2040,7 +2098,31 @@ read_trampoline(PyCodeObject *co, Py_ssize_t index)
     if (extra == NULL || index >= extra->ce_size) {
         return NULL;
     }
-    return (py_trampoline)extra->ce_extras[index];
+    void *code = extra->ce_extras[index];
+    return is_trampoline(code) ? (py_trampoline)code : NULL;
+}
+
+/* Deep-frozen code objects (importlib, os, site...) are static, shared by
+   every interpreter, and start with the reference count of
+   _PyObject_IMMORTAL_INIT; no heap object comes near it. */
+#define STATIC_CODE_REFCNT (999999999 / 2)
+
+/* The co_extra index for co's trampoline, given ours in interp.  Indexes
+   are per interpreter, but a shared code object's slots are read by the
+   tools of every interpreter: its trampoline goes only in the slot that
+   is ours in the main interpreter, never in a slot that may be another
+   tool's there.  -1: co gets no trampoline here (shared, and perf mode
+   has no slot in the main interpreter or this one has no such index). */
+static Py_ssize_t
+code_extra_index_for(PyCodeObject *co, PyInterpreterState *interp,
+                     Py_ssize_t index)
+{
+    PyInterpreterState *main_interp = _PyInterpreterState_Main();
+    if (interp == main_interp || Py_REFCNT(co) < STATIC_CODE_REFCNT) {
+        return index;
+    }
+    Py_ssize_t main_index = find_code_extra_index(main_interp);
+    return main_index < interp->co_extra_user_count ? main_index : -1;
 }
 
 /* Our co_extra index in interp, requested if needed; -1 with an exception
@@ -2147,10 +2229,15 @@ find_or_make_trampoline(PyThreadState *tstate, PyCodeObject *co)
     }
     /* This interpreter runs now: make it the fast path's. */
     set_fast_path(tstate->interp, index);
+    index = code_extra_index_for(co, tstate->interp, index);
+    if (index < 0) {
+        return NULL;
+    }
     void *extra = NULL;
     (void)_PyCode_GetExtra((PyObject *)co, index, &extra);
     if (extra != NULL) {
-        return (py_trampoline)extra;
+        /* Another tool's data is never called, nor overwritten. */
+        return is_trampoline(extra) ? (py_trampoline)extra : NULL;
     }
     /* A thrown-in exception is pending when throwflag is set: keep it out
        of the way while the trampoline is made. */
@@ -2174,10 +2261,15 @@ find_or_make_trampoline(PyThreadState *tstate, PyCodeObject *co)
    calls inline, so deep recursion that stock survives could overflow the
    C stack.  The hook raises RecursionError instead when less than
    STACK_RESERVE bytes are left.  stack_limit starts at UINTPTR_MAX, so a
-   thread's first frame takes the slow path, which finds the limit. */
+   thread's first frame takes the slow path, which finds the limit.
+
+   Only the thread's own stack, [stack_low, stack_high), is judged: code
+   may run on stacks the guard knows nothing of (fibers made with
+   makecontext(), C coroutine libraries), and there it runs as on stock. */
 #define STACK_RESERVE (256 * 1024)
 
 static __thread uintptr_t stack_limit = UINTPTR_MAX;
+static __thread uintptr_t stack_low;
 static __thread int stack_limit_is_exact;
 
 /* Where this function's stack is: the stack pointer itself where it can
@@ -2205,15 +2297,30 @@ find_exact_stack_limit(void)
     void *base;
     size_t size;
     stack_limit = 0;
+    stack_low = 0;
     stack_limit_is_exact = 1;
     if (pthread_getattr_np(pthread_self(), &attr) != 0) {
         return;
     }
     if (pthread_attr_getstack(&attr, &base, &size) == 0) {
         size_t reserve = size / 4 < STACK_RESERVE ? size / 4 : STACK_RESERVE;
-        stack_limit = (uintptr_t)base + reserve;
+        stack_low = (uintptr_t)base;
+        stack_limit = stack_low + reserve;
     }
     pthread_attr_destroy(&attr);
+}
+
+/* Is sp on the stack the kernel gave the process (the main thread's)?  It
+   spans RLIMIT_STACK below the program's name, which exec() put near its
+   top (AT_EXECFN); thread stacks are mappings below all of that.  The
+   thread that forked a child is not on it, even if its id is the
+   child's pid. */
+static int
+on_initial_stack(uintptr_t sp, const struct rlimit *limit)
+{
+    uintptr_t top = (uintptr_t)getauxval(AT_EXECFN);
+    return limit->rlim_cur != RLIM_INFINITY
+           && sp < top && top - sp < (uintptr_t)limit->rlim_cur;
 }
 
 /* A thread's first limit.  For the main thread, glibc's
@@ -2223,18 +2330,72 @@ find_exact_stack_limit(void)
    exec() leaves free (arguments and environment take at most a quarter of
    it).  Frames past it find the real limit. */
 static void
-find_stack_limit(void)
+find_stack_limit(uintptr_t sp)
 {
     struct rlimit limit;
-    if (syscall(SYS_gettid) == current_pid()
-        && getrlimit(RLIMIT_STACK, &limit) == 0
-        && limit.rlim_cur != RLIM_INFINITY)
+    if (getrlimit(RLIMIT_STACK, &limit) == 0
+        && on_initial_stack(sp, &limit))
     {
-        stack_limit = current_stack_address() - (uintptr_t)limit.rlim_cur / 8;
+        stack_limit = sp - (uintptr_t)limit.rlim_cur / 8;
         stack_limit_is_exact = 0;
         return;
     }
     find_exact_stack_limit();
+}
+
+/* Is the C stack nearly full?  Only where the thread's stack is known. */
+static int
+c_stack_nearly_full(void)
+{
+    uintptr_t sp = current_stack_address();
+    if (stack_limit == UINTPTR_MAX) {
+        find_stack_limit(sp);
+    }
+    if (sp <= stack_limit && !stack_limit_is_exact) {
+        find_exact_stack_limit();
+    }
+    return sp <= stack_limit && sp >= stack_low;
+}
+
+/* Set in a forked child until it has its own map (and dump). */
+static int adoption_pending;
+
+/* In a forked child (fork_child): send the next frame down the slow path,
+   which gives the child its own outputs. */
+static void
+hook_after_fork(void)
+{
+    fast.interp = NULL;
+    adoption_pending = 1;
+}
+
+/* A forked child's first Python frame in perf mode: the child gets its own
+   map (and dump) naming the trampolines it inherited, which may be on its
+   stack, so that a perf attached to it later names them.  A child that
+   execs or exits without running a Python frame costs no copy and leaves
+   no files.  Returns -1 after turning perf mode off with a warning. */
+static int
+adopt_outputs_after_fork(PyThreadState *tstate)
+{
+    adoption_pending = 0;
+    lock_perf_files();
+    int map_failed = perf_map.fd >= 0 && perf_map_ready_locked() < 0;
+    int jitdump_failed = !map_failed && jitdump.wanted
+                         && jitdump_ready_locked() < 0;
+    perf_map_unlock();
+    /* Exceptions only outside the lock: making one may run a finalizer,
+       and Python code may need the lock. */
+    if (map_failed) {
+        set_map_error();
+    }
+    else if (jitdump_failed) {
+        set_jitdump_error();
+    }
+    if (map_failed || jitdump_failed) {
+        disable_after_failure(tstate);
+        return -1;
+    }
+    return 0;
 }
 
 /* Evaluate a frame that the fast path could not serve.  The hook may
@@ -2243,18 +2404,15 @@ static Py_NO_INLINE PyObject *
 evaluate_slow(PyThreadState *tstate, _PyInterpreterFrame *frame,
               int throwflag)
 {
-    if (stack_limit == UINTPTR_MAX) {
-        find_stack_limit();
-    }
-    if (current_stack_address() <= stack_limit && !stack_limit_is_exact) {
-        find_exact_stack_limit();
-    }
-    if (current_stack_address() <= stack_limit) {
+    if (c_stack_nearly_full()) {
         PyErr_SetString(PyExc_RecursionError,
                         "maximum recursion depth exceeded: the C stack is "
                         "nearly full (perf mode uses a native frame per "
                         "Python frame)");
         return NULL;
+    }
+    if (adoption_pending && adopt_outputs_after_fork(tstate) < 0) {
+        return _PyEval_EvalFrameDefault(tstate, frame, throwflag);
     }
     py_trampoline code = find_or_make_trampoline(tstate, frame->f_code);
     if (code == NULL) {
@@ -2390,28 +2548,6 @@ _PyPerfTrampoline_Fini(void)
     warn_if_lines_lost();
 }
 
-void
-_PyPerfTrampoline_AfterFork_Child(void)
-{
-    lock_perf_files();
-    int map_failed = perf_map.fd >= 0 && perf_map_fork_locked() < 0;
-    int jitdump_failed = !map_failed && jitdump.wanted
-                         && jitdump_ready_locked() < 0;
-    perf_map_unlock();
-    /* Exceptions only outside the lock: making one may run a finalizer,
-       and Python code may need the lock. */
-    if (map_failed) {
-        set_map_error();
-    }
-    else if (jitdump_failed) {
-        set_jitdump_error();
-    }
-    if (map_failed || jitdump_failed) {
-        disable_after_failure(_PyThreadState_GET());
-    }
-}
-
-
 /* ---------------------------------------------------------------------
    The perf-map C API (Include/cpython/perfmap.h).  The map functions may
    be called from any thread, without the GIL; failures return -1 with
@@ -2434,10 +2570,7 @@ PyUnstable_WritePerfMapEntry(const void *code_addr, unsigned int code_size,
         errno = EINVAL;
         return -1;
     }
-    char line[MAX_LINE_BYTES];
-    name_writer w = start_entry(line, code_addr, code_size);
-    put_utf8(&w, entry_name);
-    return write_map_line(line, finish_entry(line, &w));
+    return write_map_line(code_addr, code_size, entry_name);
 }
 
 void
@@ -2496,9 +2629,14 @@ PyUnstable_CopyPerfMapFile(const char *parent_filename)
 int
 PyUnstable_PerfTrampoline_CompileCode(PyCodeObject *co)
 {
-    Py_ssize_t index = use_code_extra_index(_PyInterpreterState_GET());
+    PyInterpreterState *interp = _PyInterpreterState_GET();
+    Py_ssize_t index = use_code_extra_index(interp);
     if (index < 0) {
         return -1;
+    }
+    index = code_extra_index_for(co, interp, index);
+    if (index < 0) {
+        return 0;
     }
     void *extra = NULL;
     if (_PyCode_GetExtra((PyObject *)co, index, &extra) < 0) {
@@ -2511,7 +2649,7 @@ PyUnstable_PerfTrampoline_CompileCode(PyCodeObject *co)
 }
 
 /* A forked child always gets its own map that names the trampolines it
-   inherited (see _PyPerfTrampoline_AfterFork_Child), which is what
+   inherited (see adopt_outputs_after_fork), which is what
    persisting means in CPython 3.12; there is nothing to switch. */
 int
 PyUnstable_PerfTrampoline_SetPersistAfterFork(int Py_UNUSED(enable))
@@ -2551,11 +2689,6 @@ _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
 
 void
 _PyPerfTrampoline_Fini(void)
-{
-}
-
-void
-_PyPerfTrampoline_AfterFork_Child(void)
 {
 }
 

@@ -22,7 +22,7 @@ NEW_FILE_DIRS="Python Include Lib Doc Misc Tools"
 FP_CFLAGS="-fno-omit-frame-pointer -mno-omit-leaf-frame-pointer"
 JOBS=$(nproc)
 
-REQUIRED_PACKAGES="autoconf autoconf-archive pkg-config build-essential
+REQUIRED_PACKAGES="autoconf automake autoconf-archive pkg-config build-essential
     libffi-dev zlib1g-dev libssl-dev linux-perf rsync valgrind
     python3-sphinx"
 OPTIONAL_PACKAGES="libbz2-dev liblzma-dev libsqlite3-dev libreadline-dev

@@ -20,12 +20,8 @@ extern void _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate);
 /* Called by Py_FinalizeEx(): stop using trampolines, close the map file. */
 extern void _PyPerfTrampoline_Fini(void);
 
-/* Called by PyOS_AfterFork_Child(): give the child its own map file that
-   also names the trampolines inherited from the parent. */
-extern void _PyPerfTrampoline_AfterFork_Child(void);
-
-/* Called by os._exit(): write out map lines that are still buffered (exit()
-   and Py_FinalizeEx() do that themselves). */
+/* Called by os._exit() and os.exec*(): write out map lines that are still
+   buffered (exit() and Py_FinalizeEx() do that themselves). */
 extern void _PyPerfTrampoline_FlushMap(void);
 
 /* sys.activate_stack_trampoline() and friends, added to the sys module. */

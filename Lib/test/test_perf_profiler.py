@@ -1099,5 +1099,145 @@ class DeferredLinesTests(unittest.TestCase):
         self.assertEqual(blocked, "True")
 
 
+
+# What the cycle GC sees of a generator or coroutine while it runs, right
+# after a Python call made with other values on its stack and after the
+# stack shrank again.  Stock 3.11 hides a running frame's stack from the
+# GC (stacktop -1); seeing the depth saved at the call means walking slots
+# already popped (and possibly freed).  The values kept in `keep` stay
+# alive, so a wrong answer shows as Marker objects instead of a crash.
+GC_VIEW_SHAPES = """
+import gc
+
+class Marker:
+    pass
+
+keep = [Marker() for _ in range(8)]
+
+def callee(*args, **kwargs):
+    return 0
+
+def names(referents):
+    return sorted(type(r).__name__ for r in referents)
+
+# Each shape makes a call with eight Markers below it on the stack, then
+# asks the GC directly (a C call: a Python call in between would store a
+# new depth) and yields what the GC saw.
+def list_display():
+    a, b, c, d, e, f, g, h = keep
+    [a, b, c, d, e, f, g, h, callee()]
+    yield names(gc.get_referents(running))
+
+def c_call_arguments():
+    a, b, c, d, e, f, g, h = keep
+    max(id(a), id(b), id(c), id(d), id(e), id(f), id(g), callee(h))
+    yield names(gc.get_referents(running))
+
+def in_a_loop():
+    a, b, c, d, e, f, g, h = keep
+    for i in range(3):
+        (a, b, c, d, e, f, g, h, callee(i))
+    yield names(gc.get_referents(running))
+
+def comprehension():
+    a, b, c, d, e, f, g, h = keep
+    (a, b, c, d, e, f, g, [(h, callee(x)) for x in range(3)])
+    yield names(gc.get_referents(running))
+
+def keyword_call():
+    a, b, c, d, e, f, g, h = keep
+    dict(a=a, b=b, c=c, d=d, e=e, f=f, g=g, h=callee(x=h))
+    yield names(gc.get_referents(running))
+
+def method_call():
+    a, b, c, d, e, f, g, h = keep
+    (a, b, c, d, e, f, g, keep.copy().count(callee(h)))
+    yield names(gc.get_referents(running))
+
+async def inner():
+    a, b, c, d, e, f, g, h = keep
+    return (a, b, c, d, e, f, g, callee(h))[7]
+
+async def await_chain():
+    a, b, c, d, e, f, g, h = keep
+    (a, b, c, d, e, f, g, await inner(), callee())
+    return names(gc.get_referents(running))
+
+results = []
+for make in (list_display, c_call_arguments, in_a_loop, comprehension,
+             keyword_call, method_call):
+    running = make()
+    results.append((make.__name__, next(running)))
+running = await_chain()
+try:
+    running.send(None)
+except StopIteration as stop:
+    results.append(("await_chain", stop.value))
+print(results)
+"""
+
+ASYNCIO_PROGRAM = """
+import asyncio
+class Msg:
+    def __init__(self, i): self.i = i
+def parse(i): return i
+async def handler(n):
+    total = 0
+    for i in range(n):
+        batch = [Msg(i), Msg(i), Msg(i), Msg(i), Msg(i), Msg(i), parse(i)]
+        del batch
+        blob = list(map(bytes, range(64)))
+        rows = list(zip(range(100)))
+        total += len(blob)
+        await asyncio.sleep(0)
+    return total
+async def main():
+    r = await asyncio.gather(*(handler(300) for _ in range(20)))
+    print("ok", sum(r))
+asyncio.run(main())
+"""
+
+GENERATOR_PROGRAM = """
+class Msg:
+    def __init__(self, i): self.i = i
+def parse(i): return i
+def gen(n):
+    for i in range(n):
+        batch = [Msg(i), Msg(i), Msg(i), Msg(i), Msg(i), Msg(i), parse(i)]
+        del batch
+        blob = list(map(bytes, range(64)))
+        rows = list(zip(range(100)))
+        yield len(blob) + len(rows)
+print("ok", sum(gen(6000)))
+"""
+
+
+class MemorySafetyTests(unittest.TestCase):
+    """Perf mode keeps the interpreter's invariants: what the GC sees of a
+    running frame, and the programs that crashed when it did not."""
+
+    def run_both(self, script, *args):
+        results = []
+        for mode in ((), ("-X", "perf"), ("-X", "perf_jit")):
+            code, out, err = run_python(*mode, *args, script=script)
+            self.assertEqual(code, 0, f"{mode}: {err[-2000:]}")
+            results.append(out)
+        return results
+
+    def test_gc_sees_no_popped_slots(self):
+        stock, perf, perf_jit = self.run_both(GC_VIEW_SHAPES)
+        self.assertNotIn("Marker", stock)
+        self.assertEqual(perf, stock)
+        self.assertEqual(perf_jit, stock)
+
+    def test_asyncio_program_under_gc(self):
+        for out in self.run_both(ASYNCIO_PROGRAM):
+            self.assertEqual(out.strip(), "ok 384000")
+
+    def test_generator_freeing_and_allocating(self):
+        for out in self.run_both(GENERATOR_PROGRAM):
+            self.assertEqual(out.strip(), "ok 984000")
+
+
 if __name__ == "__main__":
     unittest.main()

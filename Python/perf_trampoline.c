@@ -340,9 +340,11 @@ typedef struct {
     pid_t owner;        /* the process that created the file behind fd */
     off_t size;         /* bytes of complete lines in the file */
     const char *refusal;  /* why an existing file was refused, or NULL */
+    int inherited_fd;   /* a forked child's copy of its parent's map, */
+    off_t inherited_size;   /* whose lines it has yet to copy; or -1 */
 } perf_map_state;
 
-static perf_map_state perf_map = {-1, 0, 0, NULL};
+static perf_map_state perf_map = {-1, 0, 0, NULL, -1, 0};
 
 /* Writers may come without the GIL (the PyUnstable perf-map API), so the
    file has a lock of its own. */
@@ -555,20 +557,32 @@ perf_map_copy_locked(int src_fd, off_t size)
     return for_each_map_chunk(src_fd, 0, size, append_map_lines, NULL);
 }
 
+static void
+drop_inherited_map_locked(void)
+{
+    if (perf_map.inherited_fd >= 0) {
+        close(perf_map.inherited_fd);
+        perf_map.inherited_fd = -1;
+    }
+}
+
 /* In a forked child, swap the parent's map for our own.  The parent's file
-   is never written by the child.  Caller holds perf_map_lock. */
+   is never written by the child.  Its lines are copied later, if at all
+   (see adopt_parent_lines_locked).  Caller holds perf_map_lock. */
 static int
 perf_map_fork_locked(void)
 {
     int parent_fd = perf_map.fd;
     off_t parent_size = perf_map.size;
     perf_map.fd = -1;
-    int res = perf_map_open_locked();
-    if (res == 0) {
-        res = perf_map_copy_locked(parent_fd, parent_size);
+    drop_inherited_map_locked();    /* a grandparent's, never copied */
+    if (perf_map_open_locked() < 0) {
+        close_keeping_errno(parent_fd);
+        return -1;
     }
-    close_keeping_errno(parent_fd);
-    return res;
+    perf_map.inherited_fd = parent_fd;
+    perf_map.inherited_size = parent_size;
+    return 0;
 }
 
 /* Make sure this process's map file is open.  Caller holds the lock. */
@@ -907,6 +921,7 @@ static struct {
     pid_t flusher_owner;        /* the process it runs in; 0: none */
     int writing;                /* the flusher is writing, unlocked */
     pthread_cond_t written;     /* it has finished */
+    int adopt;                  /* a forked child's map is to be filled */
 } pending;
 
 /* What the flusher is writing: entries copied out of the pending buffers,
@@ -943,11 +958,13 @@ lock_perf_files(void)
 }
 
 static int jitdump_append_locked(const char *buf, size_t len);
+static void adopt_parent_lines_locked(void);
 
 static int
 nothing_pending(void)
 {
-    return pending.map.len == 0 && pending.jitdump.len == 0;
+    return pending.map.len == 0 && pending.jitdump.len == 0
+           && !pending.adopt;
 }
 
 /* A failed write is kept with its buffer and reported by the next
@@ -1021,6 +1038,9 @@ flush_pending_locked(void)
 static void
 write_due_entries_locked(void)
 {
+    if (pending.adopt) {
+        adopt_parent_lines_locked();
+    }
     int to_map = map_writable_locked();
     size_t map_len = pending.map.len;
     size_t jitdump_len = pending.jitdump.len;
@@ -1142,6 +1162,7 @@ fork_child(void)
 {
     refresh_pid();
     pending.flusher_owner = 0;
+    pending.adopt = 0;              /* the child's first frame decides */
     init_flusher_conditions();      /* it may have had the flusher waiting */
     pthread_mutex_unlock(&perf_map_lock);
     hook_after_fork();
@@ -1161,6 +1182,21 @@ set_due_time_locked(void)
     pthread_cond_broadcast(&pending.wakeup);
 }
 
+/* Have the flusher run FLUSH_DELAY_NS from now, unless something is
+   pending already.  Returns -1 if no flusher can be started.  Caller
+   holds perf_map_lock. */
+static int
+schedule_flusher_locked(void)
+{
+    if (start_flusher_locked() < 0) {
+        return -1;
+    }
+    if (nothing_pending()) {
+        set_due_time_locked();
+    }
+    return 0;
+}
+
 /* Make room for len more bytes in buffer, and start the flush delay if
    nothing is pending yet.  Returns -1 if no flusher can be started: the
    caller then writes the entries itself.  Caller holds perf_map_lock. */
@@ -1170,13 +1206,7 @@ make_room_locked(pending_buffer *buffer, size_t len)
     if (buffer->len + len > PENDING_BYTES) {
         flush_pending_locked();
     }
-    if (start_flusher_locked() < 0) {
-        return -1;
-    }
-    if (nothing_pending()) {
-        set_due_time_locked();
-    }
-    return 0;
+    return schedule_flusher_locked();
 }
 
 /* Raise OSError for a failed operation on one of our files (errno set). */
@@ -1798,6 +1828,43 @@ jitdump_ready_locked(void)
     return 0;
 }
 
+/* A forked child that has run Python for FLUSH_DELAY_NS (a worker, not a
+   child about to exec or exit) gets its own map and dump with its
+   parent's lines, naming the trampolines it inherited, which may be on
+   its stack: a perf attached to it later (perf record -p) reads only the
+   child's map.  Until then, and in a child that never gets there, perf
+   names them from the parent's map (a profile that saw the fork clones
+   the parent's mappings).  Errors are kept with the buffers.  Called by
+   the flusher with perf_map_lock. */
+static void
+adopt_parent_lines_locked(void)
+{
+    pending.adopt = 0;
+    if (perf_map_ready_locked() < 0) {
+        pending.map.error = errno;
+        return;
+    }
+    if (jitdump.wanted && jitdump_ready_locked() < 0) {
+        pending.jitdump.error = errno;
+    }
+    if (perf_map.inherited_fd < 0) {
+        return;
+    }
+    off_t from = perf_map.size;
+    if (perf_map_copy_locked(perf_map.inherited_fd,
+                             perf_map.inherited_size) < 0)
+    {
+        pending.map.error = errno;
+    }
+    else if (jitdump_open_here()
+             && for_each_map_chunk(perf_map.fd, from, perf_map.size,
+                                   add_map_lines_to_jitdump, NULL) < 0)
+    {
+        pending.jitdump.error = errno;
+    }
+    drop_inherited_map_locked();
+}
+
 /* Switch the dump on or off with the backend.  Returns -1 with an
    exception set if it cannot be opened. */
 static int
@@ -2369,33 +2436,27 @@ hook_after_fork(void)
     adoption_pending = 1;
 }
 
-/* A forked child's first Python frame in perf mode: the child gets its own
-   map (and dump) naming the trampolines it inherited, which may be on its
-   stack, so that a perf attached to it later names them.  A child that
-   execs or exits without running a Python frame costs no copy and leaves
-   no files.  Returns -1 after turning perf mode off with a warning. */
-static int
-adopt_outputs_after_fork(PyThreadState *tstate)
+/* A forked child's first Python frame in perf mode: if it still runs
+   FLUSH_DELAY_NS from now, its flusher gives it its own map with its
+   parent's lines (adopt_parent_lines_locked).  A child that execs or
+   exits before (most do: subprocess, multiprocessing's short tasks)
+   copies nothing and leaves no file unless it made trampolines.  With no
+   flusher, the copy is made now. */
+static void
+schedule_adoption(void)
 {
     adoption_pending = 0;
-    lock_perf_files();
-    int map_failed = perf_map.fd >= 0 && perf_map_ready_locked() < 0;
-    int jitdump_failed = !map_failed && jitdump.wanted
-                         && jitdump_ready_locked() < 0;
-    perf_map_unlock();
-    /* Exceptions only outside the lock: making one may run a finalizer,
-       and Python code may need the lock. */
-    if (map_failed) {
-        set_map_error();
+    pthread_mutex_lock(&perf_map_lock);
+    if (perf_map.fd >= 0 && perf_map.owner != current_pid()) {
+        if (schedule_flusher_locked() < 0) {
+            wait_for_flusher_write_locked();
+            adopt_parent_lines_locked();
+        }
+        else {
+            pending.adopt = 1;
+        }
     }
-    else if (jitdump_failed) {
-        set_jitdump_error();
-    }
-    if (map_failed || jitdump_failed) {
-        disable_after_failure(tstate);
-        return -1;
-    }
-    return 0;
+    pthread_mutex_unlock(&perf_map_lock);
 }
 
 /* Evaluate a frame that the fast path could not serve.  The hook may
@@ -2411,8 +2472,8 @@ evaluate_slow(PyThreadState *tstate, _PyInterpreterFrame *frame,
                         "Python frame)");
         return NULL;
     }
-    if (adoption_pending && adopt_outputs_after_fork(tstate) < 0) {
-        return _PyEval_EvalFrameDefault(tstate, frame, throwflag);
+    if (adoption_pending) {
+        schedule_adoption();
     }
     py_trampoline code = find_or_make_trampoline(tstate, frame->f_code);
     if (code == NULL) {
@@ -2453,6 +2514,22 @@ perf_map_prepare(void)
     return res;
 }
 
+/* Another PEP 523 user's hook is installed: perf mode neither replaces
+   nor removes it.  -1 with CPython 3.13's exception. */
+static int
+refuse_foreign_hook(PyInterpreterState *interp)
+{
+    if (interp->eval_frame != NULL
+        && interp->eval_frame != py_trampoline_evaluator)
+    {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "Trampoline cannot be initialized as a custom eval "
+                        "frame is already present");
+        return -1;
+    }
+    return 0;
+}
+
 /* Turn perf mode on with a backend, or switch an active one to it (as in
    CPython 3.13: the other backend's output is closed).  Returns -1 with
    an exception if perf mode cannot be turned on; the interpreter then
@@ -2461,12 +2538,7 @@ static int
 activate(PyThreadState *tstate, int backend)
 {
     PyInterpreterState *interp = tstate->interp;
-    if (interp->eval_frame != NULL
-        && interp->eval_frame != py_trampoline_evaluator)
-    {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "perf trampoline cannot be activated: another "
-                        "frame evaluation function is installed");
+    if (refuse_foreign_hook(interp) < 0) {
         return -1;
     }
     if (use_code_extra_index(interp) < 0 || perf_map_prepare() < 0
@@ -2480,6 +2552,21 @@ activate(PyThreadState *tstate, int backend)
     }
     _PyInterpreterState_SetEvalFrameFunc(interp, py_trampoline_evaluator);
     return 0;
+}
+
+/* sys.activate_stack_trampoline(name), name already checked to be a str
+   without NUL characters. */
+static int
+activate_named(PyThreadState *tstate, const char *name)
+{
+    if (strcmp(name, "perf") == 0) {
+        return activate(tstate, PERF_MAP);
+    }
+    if (strcmp(name, "perf_jit") == 0) {
+        return activate(tstate, PERF_JIT);
+    }
+    PyErr_Format(PyExc_ValueError, "invalid backend: %s", name);
+    return -1;
 }
 
 static void
@@ -2591,6 +2678,7 @@ PyUnstable_PerfMapState_Fini(void)
         close(perf_map.fd);
         perf_map.fd = -1;
     }
+    drop_inherited_map_locked();
     pthread_mutex_unlock(&perf_map_lock);
 }
 
@@ -2649,7 +2737,7 @@ PyUnstable_PerfTrampoline_CompileCode(PyCodeObject *co)
 }
 
 /* A forked child always gets its own map that names the trampolines it
-   inherited (see adopt_outputs_after_fork), which is what
+   inherited (see adopt_parent_lines_locked), which is what
    persisting means in CPython 3.12; there is nothing to switch. */
 int
 PyUnstable_PerfTrampoline_SetPersistAfterFork(int Py_UNUSED(enable))
@@ -2659,11 +2747,18 @@ PyUnstable_PerfTrampoline_SetPersistAfterFork(int Py_UNUSED(enable))
 
 #else  /* !PY_HAVE_PERF_TRAMPOLINE */
 
+/* Any name, valid or not, as in CPython 3.13. */
 static int
-activate(PyThreadState *Py_UNUSED(tstate), int Py_UNUSED(backend))
+activate_named(PyThreadState *Py_UNUSED(tstate), const char *Py_UNUSED(name))
 {
     PyErr_SetString(PyExc_ValueError, "perf trampoline not available");
     return -1;
+}
+
+static int
+refuse_foreign_hook(PyInterpreterState *Py_UNUSED(interp))
+{
+    return 0;
 }
 
 static void
@@ -2749,27 +2844,26 @@ PyDoc_STRVAR(activate_doc,
 \n\
 Activate stack profiler trampoline *backend*.");
 
+/* The argument is parsed as CPython 3.13's Argument Clinic "str" converter
+   does, with its messages. */
 static PyObject *
-sys_activate_stack_trampoline(PyObject *Py_UNUSED(module), PyObject *backend)
+sys_activate_stack_trampoline(PyObject *Py_UNUSED(module), PyObject *arg)
 {
-    if (!PyUnicode_Check(backend)) {
-        PyErr_Format(PyExc_TypeError,
-                     "activate_stack_trampoline() argument must be str, "
-                     "not %.50s", Py_TYPE(backend)->tp_name);
+    if (!PyUnicode_Check(arg)) {
+        _PyArg_BadArgument("activate_stack_trampoline", "argument", "str",
+                           arg);
         return NULL;
     }
-    int id;
-    if (_PyUnicode_EqualToASCIIString(backend, "perf")) {
-        id = PERF_MAP;
-    }
-    else if (_PyUnicode_EqualToASCIIString(backend, "perf_jit")) {
-        id = PERF_JIT;
-    }
-    else {
-        PyErr_Format(PyExc_ValueError, "invalid backend: %R", backend);
+    Py_ssize_t len;
+    const char *backend = PyUnicode_AsUTF8AndSize(arg, &len);
+    if (backend == NULL) {
         return NULL;
     }
-    if (activate(_PyThreadState_GET(), id) < 0) {
+    if (strlen(backend) != (size_t)len) {
+        PyErr_SetString(PyExc_ValueError, "embedded null character");
+        return NULL;
+    }
+    if (activate_named(_PyThreadState_GET(), backend) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -2787,7 +2881,11 @@ static PyObject *
 sys_deactivate_stack_trampoline(PyObject *Py_UNUSED(module),
                                 PyObject *Py_UNUSED(args))
 {
-    deactivate(_PyInterpreterState_GET());
+    PyInterpreterState *interp = _PyInterpreterState_GET();
+    if (refuse_foreign_hook(interp) < 0) {
+        return NULL;
+    }
+    deactivate(interp);
     Py_RETURN_NONE;
 }
 

@@ -216,6 +216,24 @@ def py_frames(stack):
     return [f.split(":", 3)[2] for f in stack if f.startswith("py::")]
 
 
+# A forked child gets its own copy of its parent's lines once it has run
+# Python for 10 ms (a child that execs or exits at once copies nothing).
+# Scripts of forking tests start with this, to have a child wait for that.
+WAIT_FOR_OWN_FILE = """
+def wait_for_own_file(kind, text):
+    import os, time
+    path = f"/tmp/{kind}-{os.getpid()}.{'map' if kind == 'perf' else 'dump'}"
+    start = time.monotonic()
+    while time.monotonic() - start < 10:
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                if text in f.read():
+                    return True
+        time.sleep(0.001)
+    return False
+"""
+
+
 SEED = """
 def foo(n):
     result = 0
@@ -443,30 +461,39 @@ class PerfMapTests(unittest.TestCase):
         self.assertEqual({q for q in qualnames if q.endswith("b" * 19)},
                          expected)
 
-    def test_errors_match_3_12(self):
-        script = """
+    def test_errors_match_3_13(self):
+        # The exception types and texts of CPython 3.13 (Argument Clinic's
+        # str converter, then sys_activate_stack_trampoline_impl).
+        script = r"""
             import sys
-            for bad, exc in ((1, TypeError), (None, TypeError),
-                             ("perf_jitx", ValueError), ("", ValueError)):
+            def error(*args):
                 try:
-                    sys.activate_stack_trampoline(bad)
-                except exc:
-                    pass
-                else:
-                    raise AssertionError(bad)
-            try:
-                sys.activate_stack_trampoline()
-            except TypeError:
-                pass
-            else:
-                raise AssertionError("no argument accepted")
+                    sys.activate_stack_trampoline(*args)
+                except Exception as exc:
+                    return f"{type(exc).__name__}: {exc}"
+            for args in ((1,), (None,), (b"perf",), ("invalid",), ("",),
+                         ("perf\0",), ("\udc80",), ()):
+                print(error(*args))
             sys.deactivate_stack_trampoline()  # inactive: no effect
             assert not sys.is_stack_trampoline_active()
             assert sys.activate_stack_trampoline.__text_signature__
-            print("ok")
         """
         out, _ = self.run_checked(script)
-        self.assertEqual(out.strip(), "ok")
+        self.assertEqual(out.splitlines(), [
+            "TypeError: activate_stack_trampoline() argument must be str, "
+            "not int",
+            "TypeError: activate_stack_trampoline() argument must be str, "
+            "not None",
+            "TypeError: activate_stack_trampoline() argument must be str, "
+            "not bytes",
+            "ValueError: invalid backend: invalid",
+            "ValueError: invalid backend: ",
+            "ValueError: embedded null character",
+            "UnicodeEncodeError: 'utf-8' codec can't encode character "
+            "'\\udc80' in position 0: surrogates not allowed",
+            "TypeError: sys.activate_stack_trampoline() takes exactly one "
+            "argument (0 given)",
+        ])
 
     def test_precedence_and_environment(self):
         probe = "import sys; print(sys.is_stack_trampoline_active())"
@@ -729,11 +756,13 @@ class PerfMapTests(unittest.TestCase):
             if pid == 0:
                 def only_in_child(): return 2
                 only_in_child()
-                os._exit(0)
-            os.waitpid(pid, 0)
+                os._exit(0 if wait_for_own_file("perf", b"before_fork")
+                         else 1)
+            assert os.waitpid(pid, 0)[1] == 0
             print(os.getpid(), pid)
         """
-        out, _ = self.run_checked(script)
+        out, _ = self.run_checked(WAIT_FOR_OWN_FILE
+                                  + textwrap.dedent(script))
         parent, child = map(int, out.split())
         parent_names = read_map(parent)
         child_names = read_map(child)
@@ -814,14 +843,20 @@ class PerfMapTests(unittest.TestCase):
             seen = []
             _testinternalcapi.set_eval_frame_record(seen)
             try:
-                sys.activate_stack_trampoline("perf")
-            except RuntimeError as exc:
-                print("refused")
+                for change in (lambda: sys.activate_stack_trampoline("perf"),
+                               sys.deactivate_stack_trampoline):
+                    try:
+                        change()
+                    except RuntimeError as exc:
+                        print(exc)
             finally:
                 _testinternalcapi.set_eval_frame_default()
         """
         out, _ = self.run_checked(script)
-        self.assertEqual(out.strip(), "refused")
+        # CPython 3.13's text, for both: the other hook stays.
+        self.assertEqual(out.splitlines(), [
+            "Trampoline cannot be initialized as a custom eval frame is "
+            "already present"] * 2)
 
 
 class PerfJitTests(unittest.TestCase):
@@ -927,6 +962,29 @@ class PerfJitTests(unittest.TestCase):
         self.assertNotIn("py::after", names)
         self.assertTrue(any(n.startswith("py::after:") for n in map_names))
 
+    def test_each_trampoline_once_per_dump(self):
+        # Switching back and forth adds to the dump only the trampolines
+        # made while it was closed.
+        script = """
+            import os, sys
+            for i in range(10):
+                sys.activate_stack_trampoline("perf_jit" if i % 2 else "perf")
+                exec(f"def made_{i}(): return {i}\\nmade_{i}()")
+            sys.deactivate_stack_trampoline()
+            print(os.getpid())
+        """
+        pid = int(self.run_checked(script))
+        map_names = read_map(pid)
+        _, loads = read_jitdump(pid)
+        remove_map(pid)
+        remove_jit_files(pid)
+        addrs = [load["addr"] for load in loads]
+        self.assertEqual(len(addrs), len(set(addrs)))
+        ours = [n for n in map_names if n.startswith("py::")]
+        self.assertEqual(len(addrs), len(ours))
+        made = [load["name"] for load in loads if "made_" in load["name"]]
+        self.assertEqual(len(made), 10)
+
     def test_fork_child_has_its_own_dump(self):
         script = """
             import os
@@ -936,12 +994,14 @@ class PerfJitTests(unittest.TestCase):
             if pid == 0:
                 def child_side(): return 2
                 child_side()
-                os._exit(0)
-            os.waitpid(pid, 0)
+                os._exit(0 if wait_for_own_file("jit", b"py::parent_side")
+                         else 1)
+            assert os.waitpid(pid, 0)[1] == 0
             print(os.getpid(), pid)
         """
-        parent, child = map(int, self.run_checked(script, "-X",
-                                                  "perf_jit").split())
+        parent, child = map(int, self.run_checked(
+            WAIT_FOR_OWN_FILE + textwrap.dedent(script), "-X",
+            "perf_jit").split())
         child_header, child_loads = read_jitdump(child)
         child_names = self.names(child)
         parent_names = self.names(parent)
@@ -1039,6 +1099,76 @@ class DeferredLinesTests(unittest.TestCase):
         remove_map(int(out))
         self.assertTrue(any(n.startswith("py::right_before_exit:")
                             for n in names))
+
+    def test_exec_writes_pending_lines(self):
+        script = """
+            import os, sys
+            def right_before_exec(): return 1
+            right_before_exec()
+            print(os.getpid(), flush=True)
+            os.execv(sys.executable, [sys.executable, "-c", "pass"])
+        """
+        out = self.run_checked(script, "-X", "perf")
+        names = read_map(int(out))
+        remove_map(int(out))
+        self.assertTrue(any(n.startswith("py::right_before_exec:")
+                            for n in names))
+
+    def test_children_running_no_python_leave_no_map(self):
+        # A child that exits or execs at once copies none of its parent's
+        # lines.  One that runs no Python frame (a fork that only calls
+        # os._exit()) leaves no file at all; subprocess's child with a
+        # preexec_fn runs threading's fork handler, a new trampoline,
+        # and its map has just that.
+        script = """
+            import os
+            def warm(): return 1
+            warm()
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            import subprocess
+            proc = subprocess.Popen(["/bin/true"], preexec_fn=os.setsid)
+            proc.wait()
+            print(os.getpid(), pid, proc.pid)
+        """
+        parent, child, spawned = map(int, self.run_checked(
+            script, "-X", "perf").split())
+        remove_map(parent)
+        self.assertFalse(os.path.exists(map_path(child)))
+        if os.path.exists(map_path(spawned)):
+            names = read_map(spawned)
+            remove_map(spawned)
+            self.assertFalse([n for n in names if "warm" in n], names)
+
+    def test_child_running_only_inherited_code_has_a_map(self):
+        # A pre-fork server's worker may run only code its parent already
+        # ran: its map must still name those trampolines, for a perf
+        # attached to the worker (perf record -p) to resolve them.  It
+        # gets them 10 ms after its first Python frame.
+        script = """
+            import os
+            def handler(): return 1
+            handler()
+            pid = os.fork()
+            if pid == 0:
+                handler()
+                os._exit(0 if wait_for_own_file("perf", b" py::handler:")
+                         else 1)
+            _, status = os.waitpid(pid, 0)
+            print(os.getpid(), pid, status)
+        """
+        parent, child, status = map(int, self.run_checked(
+            WAIT_FOR_OWN_FILE + textwrap.dedent(script), "-X",
+            "perf").split())
+        try:
+            self.assertEqual(status, 0)
+            self.assertTrue(any(n.startswith("py::handler:")
+                                for n in read_map(child)))
+        finally:
+            remove_map(parent)
+            remove_map(child)
 
     def test_forked_children_exiting_at_once(self):
         # Like multiprocessing's fork workers: each child makes a
@@ -1237,6 +1367,154 @@ class MemorySafetyTests(unittest.TestCase):
     def test_generator_freeing_and_allocating(self):
         for out in self.run_both(GENERATOR_PROGRAM):
             self.assertEqual(out.strip(), "ok 984000")
+
+    def test_small_thread_stacks(self):
+        # 32 KiB thread stacks (threading.stack_size's minimum): forking
+        # there, filling a jitdump there and the perf-map C API must not
+        # need more stack than the thread has.
+        script = """
+            import ctypes, os, sys, threading
+            threading.stack_size(32768)
+            def f(): return 1
+            def in_thread():
+                f()
+                pid = os.fork()
+                if pid == 0:
+                    f()         # the child's first frame copies the map
+                    os._exit(0)
+                statuses.append(os.waitpid(pid, 0)[1])
+                sys.activate_stack_trampoline("perf_jit")
+                f()
+                sys.activate_stack_trampoline("perf")
+                write = ctypes.pythonapi.PyUnstable_WritePerfMapEntry
+                write.argtypes = (ctypes.c_void_p, ctypes.c_uint,
+                                  ctypes.c_char_p)
+                statuses.append(write(0x1000, 16, b"small_stack_entry"))
+            statuses = []
+            t = threading.Thread(target=in_thread)
+            t.start()
+            t.join()
+            print(os.getpid(), *statuses)
+        """
+        code, out, err = run_python("-X", "perf", script=script)
+        self.assertEqual(code, 0, err)
+        pid, *statuses = out.split()
+        remove_map(pid)
+        remove_jit_files(pid)
+        self.assertEqual(statuses, ["0", "0"])
+
+    def test_another_tools_code_extra_never_called(self):
+        # A tool (a debugger, say) takes co_extra index 0 in the main
+        # interpreter and stores its data on some of the deep-frozen code
+        # objects that every interpreter shares; perf mode gets index 1
+        # there, and index 0 in a sub-interpreter, which runs that code.
+        # The tool's data must be neither called nor overwritten.
+        script = """
+            import ctypes, importlib._bootstrap as bootstrap, inspect, sys
+            import _testcapi
+            freefunc = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+            # A C free function: code objects perf mode gives a co_extra
+            # block call it (with NULL) as they die, to the very end.
+            # Shared code objects never die, and never free the tag.
+            ignore = ctypes.cast(ctypes.CDLL(None).free, freefunc)
+            api = ctypes.pythonapi
+            api._PyEval_RequestCodeExtraIndex.argtypes = (freefunc,)
+            api._PyEval_RequestCodeExtraIndex.restype = ctypes.c_ssize_t
+            api._PyCode_SetExtra.argtypes = (
+                ctypes.py_object, ctypes.c_ssize_t, ctypes.c_void_p)
+            api._PyCode_GetExtra.argtypes = (
+                ctypes.py_object, ctypes.c_ssize_t,
+                ctypes.POINTER(ctypes.c_void_p))
+            index = api._PyEval_RequestCodeExtraIndex(ignore)
+            shared = [f.__code__ for f in vars(bootstrap).values()
+                      if inspect.isfunction(f)]
+            assert all(sys.getrefcount(c) > 10**8 for c in shared)
+            tagged, untouched = shared[::2], shared[1::2]
+            for code in tagged:
+                api._PyCode_SetExtra(code, index, 0x1000)
+            sys.activate_stack_trampoline("perf")
+            sub = "\\n".join(["import sys",
+                              "sys.activate_stack_trampoline('perf')",
+                              "import json, decimal"])
+            assert _testcapi.run_in_subinterp(sub) == 0
+            def slot(code):
+                data = ctypes.c_void_p()
+                api._PyCode_GetExtra(code, index, ctypes.byref(data))
+                return data.value
+            print([slot(c) for c in tagged] == [0x1000] * len(tagged),
+                  [slot(c) for c in untouched] == [None] * len(untouched))
+        """
+        code, out, err = run_python(script=script)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.split(), ["True", "True"])
+
+    def test_python_on_a_fiber_stack(self):
+        # makecontext()/swapcontext(), as uWSGI's uGreen and C coroutine
+        # libraries run Python: the guard does not know that stack and
+        # must not judge it.
+        script = """
+            import ctypes, sys
+            libc = ctypes.CDLL(None)
+            UCONTEXT = 4096         # more than sizeof(ucontext_t)
+            main_ctx = ctypes.create_string_buffer(UCONTEXT)
+            fiber_ctx = ctypes.create_string_buffer(UCONTEXT)
+            stack = ctypes.create_string_buffer(1024 * 1024)
+            def depth(n):
+                return 0 if n == 0 else 1 + depth(n - 1)
+            results = []
+            @ctypes.CFUNCTYPE(None)
+            def on_fiber():
+                try:
+                    results.append(depth(50))
+                except RecursionError as exc:
+                    results.append(repr(exc))
+            assert libc.getcontext(fiber_ctx) == 0
+            # x86_64 and aarch64 glibc: uc_link at 8, uc_stack at 16
+            # (ss_sp, ss_flags, ss_size).
+            ctypes.c_void_p.from_buffer(fiber_ctx, 8).value = \\
+                ctypes.addressof(main_ctx)
+            ctypes.c_void_p.from_buffer(fiber_ctx, 16).value = \\
+                ctypes.addressof(stack)
+            ctypes.c_size_t.from_buffer(fiber_ctx, 32).value = len(stack)
+            libc.makecontext(fiber_ctx, on_fiber, 0)
+            assert libc.swapcontext(main_ctx, fiber_ctx) == 0
+            print(results)
+        """
+        for mode in ((), ("-X", "perf")):
+            code, out, err = run_python(*mode, script=script)
+            self.assertEqual(code, 0, err)
+            self.assertEqual(out.strip(), "[50]", mode)
+
+    def test_fork_from_a_thread_then_recurse(self):
+        # The child of a fork() made by a non-main thread has that thread
+        # as its only one (its id is the child's pid) on a thread stack:
+        # deep recursion there must end in RecursionError.
+        script = """
+            import os, sys, threading
+            threading.stack_size(512 * 1024)
+            def depth(n):
+                return 0 if n == 0 else 1 + depth(n - 1)
+            def forker():
+                pid = os.fork()
+                if pid == 0:
+                    sys.activate_stack_trampoline("perf")
+                    sys.setrecursionlimit(1_000_000)
+                    try:
+                        depth(1_000_000)
+                    except RecursionError:
+                        os._exit(7)
+                    os._exit(1)
+                status.append(os.waitstatus_to_exitcode(
+                    os.waitpid(pid, 0)[1]))
+            status = []
+            t = threading.Thread(target=forker)
+            t.start()
+            t.join()
+            print(*status)
+        """
+        code, out, err = run_python(script=script)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.strip(), "7")
 
 
 if __name__ == "__main__":

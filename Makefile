@@ -13,8 +13,8 @@ PROCESS_ROUNDS ?= 300
 BACKEND ?= perf
 export CPYTHON_SRC FRAME_POINTERS PREFIX
 
-.PHONY: all build demo test check-full bench docs stock cross nofp dist \
-	install clean distclean deps fetch prepare
+.PHONY: all build demo test check-full check-asan bench docs stock cross \
+	nofp debug asan dist install clean distclean deps fetch prepare
 
 all: build
 
@@ -34,8 +34,20 @@ cross:
 nofp:
 	@FRAME_POINTERS=no $(DRIVER) build
 
-test: build stock cross nofp
+# The patched build --with-pydebug (build/python-debug), and with
+# AddressSanitizer + UBSan (build/python-asan, about 10 minutes).
+debug:
+	@$(DRIVER) debug
+
+asan:
+	@$(DRIVER) asan
+
+test: build stock cross nofp debug
 	@build/obj/python tests/run_all.py
+
+# The memory-safety set (tests/run_all.py) on the sanitizer build.
+check-asan: asan
+	@build/obj/python tests/run_all.py --memory build/python-asan
 
 # CPython's whole regression suite: stock, patched, patched with perf on.
 check-full: build stock
@@ -60,8 +72,9 @@ deps fetch prepare:
 	@$(DRIVER) $@
 
 clean:
-	rm -rf build/obj build/obj-nofp build/stock/obj build/cross-aarch64 \
-		build/demo build/logs build/python build/python-nofp
+	rm -rf build/obj build/obj-nofp build/obj-debug build/obj-asan \
+		build/stock/obj build/cross-aarch64 build/demo build/logs \
+		build/python build/python-nofp build/python-debug build/python-asan
 
 distclean:
 	rm -rf build dist

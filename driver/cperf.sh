@@ -4,8 +4,8 @@
 # line and sends its long output to build/logs/<step>.log; on failure it
 # prints the end of that log and exits non-zero.
 #
-#   cperf.sh deps | fetch | prepare | build | stock | cross | dist | install
-#            | demo | docs
+#   cperf.sh deps | fetch | prepare | build | debug | asan | stock | cross
+#            | dist | install | demo | docs
 #
 # Environment: CPYTHON_SRC (tarball or unpacked tree), CPERF_CACHE (download
 # cache, default ~/.cache/cpython-perf), FRAME_POINTERS (yes/no), PREFIX.
@@ -346,6 +346,33 @@ cmd_build() {
     say "built build/$python: $("$BUILD/$python" -c 'import sys; print(sys.version.split()[0])')"
 }
 
+# The patched tree for the memory-safety runs (tests/run_all.py --memory):
+# --with-pydebug (assertions, the debug allocator filling freed memory)
+# into build/obj-debug, or AddressSanitizer + UBSan into build/obj-asan,
+# both with frame pointers.
+cmd_debug() {
+    cmd_build
+    STEP=debug
+    : >"$LOGS/build.log"
+    configure_and_make "$BUILD/src" "$BUILD/obj-debug" all "$FP_CFLAGS" \
+        --with-pydebug
+    ln -sfn obj-debug/python "$BUILD/python-debug"
+    say "built build/python-debug (--with-pydebug)"
+}
+
+cmd_asan() {
+    cmd_build
+    STEP=asan
+    : >"$LOGS/build.log"
+    # The build runs the new interpreter (sharedmods), which must not stop
+    # on LeakSanitizer's reports of what CPython never frees at exit.
+    ASAN_OPTIONS=detect_leaks=0 configure_and_make "$BUILD/src" \
+        "$BUILD/obj-asan" all "$FP_CFLAGS" --with-address-sanitizer \
+        --with-undefined-behavior-sanitizer --without-pymalloc
+    ln -sfn obj-asan/python "$BUILD/python-asan"
+    say "built build/python-asan (AddressSanitizer + UBSan)"
+}
+
 cmd_stock() {
     cmd_deps
     upstream_source
@@ -480,10 +507,10 @@ main() {
     local cmd=${1:-}
     STEP=${cmd:-driver}
     case $cmd in
-        deps | fetch | prepare | build | stock | cross | dist | install | demo \
-            | docs)
+        deps | fetch | prepare | build | debug | asan | stock | cross | dist \
+            | install | demo | docs)
             "cmd_$cmd" ;;
-        *) die "usage: $0 deps|fetch|prepare|build|stock|cross|dist|install|demo|docs" ;;
+        *) die "usage: $0 deps|fetch|prepare|build|debug|asan|stock|cross|dist|install|demo|docs" ;;
     esac
 }
 

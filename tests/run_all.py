@@ -4,9 +4,14 @@ Runs, and counts test cases of:
   1. the driver's own tests (tests/test_*.py: patches, dist, ABI, builds);
   2. Lib/test/test_perf_profiler.py and the CPython regression tests the
      patch touches, as they are, with PYTHONPERFSUPPORT=1 and with
-     PYTHON_PERF_JIT_SUPPORT=1.
+     PYTHON_PERF_JIT_SUPPORT=1;
+  3. the memory-safety set on the debug build (build/python-debug).
+With --memory PYTHON, only the memory-safety set, on PYTHON (make
+check-asan runs it on the sanitizer build).
 Ends with the line "N passed, N failed, N skipped"; exits non-zero when
 anything failed."""
+
+import argparse
 
 import glob
 import os
@@ -27,6 +32,19 @@ CPYTHON_TESTS = [
     "test_coroutines", "test_sys_settrace", "test_sysconfig",
 ]
 
+# The memory-safety set: where perf mode's frames meet generators,
+# coroutines, the cyclic GC and tracing.  Run with perf on and a GC that
+# collects every few allocations, on a build that catches what a release
+# build hides (a running generator's popped stack slots seen by the GC
+# crashed only there, and in users' asyncio programs).
+MEMORY_TESTS = [
+    "test_perf_profiler", "test_asyncio", "test_generators",
+    "test_coroutines", "test_gc", "test_contextlib_async",
+    "test_sys_settrace", "test_threading",
+]
+MEMORY_DRIVER_TESTS = ["test_stress", "test_faults"]
+AGGRESSIVE_GC = "import gc\ngc.set_threshold(20, 5, 5)\n"
+
 
 class Tally:
     def __init__(self):
@@ -43,13 +61,16 @@ class Tally:
 def run_driver_tests(tally):
     sys.path.insert(0, TESTS)
     suite = unittest.defaultTestLoader.discover(TESTS, pattern="test_*.py")
+    count_unittest(tally, "driver tests", suite)
+
+
+def count_unittest(tally, label, suite):
     result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(
         suite)
     failed = len(result.failures) + len(result.errors) + \
         len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
-    tally.add("driver tests", result.testsRun - failed - skipped, failed,
-              skipped)
+    tally.add(label, result.testsRun - failed - skipped, failed, skipped)
 
 
 def count_junit(path):
@@ -65,14 +86,14 @@ def count_junit(path):
     return passed, failed, skipped
 
 
-def run_cpython_tests(tally, label, extra_env):
+def run_cpython_tests(tally, label, extra_env, python=sys.executable,
+                      tests=CPYTHON_TESTS):
     # The caller's PYTHON* variables (PYTHONUNBUFFERED, ...) change what
     # CPython's own tests expect; run them in a clean environment.
     env = clean_env(**extra_env)
     with tempfile.TemporaryDirectory() as tmp:
         junit = os.path.join(tmp, "junit.xml")
-        cmd = [sys.executable, "-m", "test", "-j2", "--junit-xml", junit,
-               *CPYTHON_TESTS]
+        cmd = [python, "-m", "test", "-j2", "--junit-xml", junit, *tests]
         print(f"== {label}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd, env=env)
         if os.path.exists(junit):
@@ -101,18 +122,56 @@ def let_tests_see_sigint():
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def run_memory_tests(tally, python):
+    """The memory-safety set on python, with each backend and an
+    aggressive GC (a sitecustomize only these runs see), then the stress
+    and fault tests of the driver on the same build."""
+    python = os.path.abspath(python)
+    name = os.path.basename(python)
+    with tempfile.TemporaryDirectory() as site:
+        with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+            f.write(AGGRESSIVE_GC)
+        for variable in ("PYTHONPERFSUPPORT", "PYTHON_PERF_JIT_SUPPORT"):
+            run_cpython_tests(tally, f"{name}: memory set with {variable}=1",
+                              {variable: "1", "PYTHONPATH": site,
+                               "ASAN_OPTIONS": "detect_leaks=0"},
+                              python=python, tests=MEMORY_TESTS)
+    # The fault shim is preloaded before the sanitizer's runtime.
+    os.environ["ASAN_OPTIONS"] = "detect_leaks=0:verify_asan_link_order=0"
+    sys.path.insert(0, TESTS)
+    import support
+    release_obj = support.PATCHED["obj"]
+    support.PATCHED["obj"] = os.path.dirname(os.path.realpath(python))
+    try:
+        suite = unittest.defaultTestLoader.loadTestsFromNames(
+            MEMORY_DRIVER_TESTS)
+        count_unittest(tally, f"{name}: stress and fault tests", suite)
+    finally:
+        support.PATCHED["obj"] = release_obj
+
+
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--memory", metavar="PYTHON",
+                        help="only the memory-safety set, on PYTHON")
+    args = parser.parse_args()
     let_tests_see_sigint()
     tally = Tally()
     files_before = perf_files()
     try:
-        run_driver_tests(tally)
-        run_cpython_tests(tally, "CPython tests", {})
-        run_cpython_tests(tally, "CPython tests with PYTHONPERFSUPPORT=1",
-                          {"PYTHONPERFSUPPORT": "1"})
-        run_cpython_tests(tally,
-                          "CPython tests with PYTHON_PERF_JIT_SUPPORT=1",
-                          {"PYTHON_PERF_JIT_SUPPORT": "1"})
+        if args.memory:
+            run_memory_tests(tally, args.memory)
+        else:
+            run_driver_tests(tally)
+            run_cpython_tests(tally, "CPython tests", {})
+            run_cpython_tests(tally,
+                              "CPython tests with PYTHONPERFSUPPORT=1",
+                              {"PYTHONPERFSUPPORT": "1"})
+            run_cpython_tests(tally,
+                              "CPython tests with PYTHON_PERF_JIT_SUPPORT=1",
+                              {"PYTHON_PERF_JIT_SUPPORT": "1"})
+            run_memory_tests(tally, os.path.join(os.path.dirname(TESTS),
+                                                 "build", "python-debug"))
     finally:
         for path in perf_files() - files_before:
             try:

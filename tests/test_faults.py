@@ -88,18 +88,24 @@ class FaultTests(unittest.TestCase):
         self.assertIn(reason, warnings[0])
 
     def test_no_memory_for_the_first_arena(self):
-        out, warnings, lines = self.run_faulty({"FAULT_MMAP_SIZE": 65536})
+        out, warnings, lines = self.run_faulty({"FAULT_ARENA_SIZE": 65536})
         self.assertEqual(out, EXPECTED)
         self.assert_one_warning(warnings, "Cannot allocate memory")
         self.assertEqual(lines, [])
 
     def test_no_memory_for_a_later_arena(self):
         # Perf mode stops where the first arena (64 KiB) is full.
-        out, warnings, lines = self.run_faulty({"FAULT_MMAP_SIZE": 131072})
+        out, warnings, lines = self.run_faulty({"FAULT_ARENA_SIZE": 131072})
         self.assertEqual(out, EXPECTED)
         self.assert_one_warning(warnings, "Cannot allocate memory")
         self.assertGreater(len(lines), 1000)
         self.assertLess(len(lines), FUNCTIONS)
+
+    def test_no_address_space_for_arenas(self):
+        out, warnings, lines = self.run_faulty({"FAULT_RESERVE": 1})
+        self.assertEqual(out, EXPECTED)
+        self.assert_one_warning(warnings, "Cannot allocate memory")
+        self.assertEqual(lines, [])
 
     def test_no_executable_memory(self):
         out, warnings, lines = self.run_faulty({"FAULT_MPROTECT_EXEC": 1})
@@ -214,7 +220,8 @@ with open(f"/tmp/perf-{os.getpid()}.map", "rb") as f:
                   "except OSError as exc:\n"
                   "    print('OSError', exc.errno)\n"
                   "print(sys.is_stack_trampoline_active())\n")
-        cases = [({"FAULT_MMAP_SIZE": 65536}, errno.ENOMEM),
+        cases = [({"FAULT_ARENA_SIZE": 65536}, errno.ENOMEM),
+                 ({"FAULT_RESERVE": 1}, errno.ENOMEM),
                  ({"FAULT_MPROTECT_EXEC": 1}, errno.EACCES),
                  ({"FAULT_MAP_OPEN": errno.EACCES}, errno.EACCES)]
         for faults, err in cases:

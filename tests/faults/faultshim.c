@@ -3,10 +3,17 @@
    an SELinux policy would.  Configured by environment variables, read once
    when the shim is loaded:
 
-     FAULT_MMAP_SIZE=N     mmap() of an anonymous read+write mapping of
-                           exactly N bytes fails with ENOMEM.  Perf arenas
-                           are 64 KiB doubling up to 4 MiB; malloc never
-                           maps exactly such sizes (it adds its header).
+     FAULT_ARENA_SIZE=N    making exactly N bytes of anonymous memory
+                           read+write fails with ENOMEM: an mprotect() of
+                           N bytes to read+write (perf arenas are carved
+                           so out of a reservation), or an mmap() of an
+                           anonymous read+write mapping of N bytes.  Perf
+                           arenas are 64 KiB doubling up to 4 MiB; malloc
+                           never maps exactly such sizes (it adds its
+                           header).
+     FAULT_RESERVE=1       mmap() of an anonymous PROT_NONE reservation of
+                           16 MiB or more fails with ENOMEM (a tight
+                           address-space limit, ulimit -v).
      FAULT_MPROTECT_EXEC=1 mprotect() to an executable protection fails
                            with EACCES (SELinux's execmem denial).
      FAULT_MAP_OPEN=E      opening a /tmp/perf-*.map file fails with errno
@@ -32,7 +39,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-static long mmap_size = -1;
+static long arena_size = -1;
+static int reserve_fails;
 static int mprotect_exec;
 static int map_open_errno;
 static int map_write_errno = -1;
@@ -51,7 +59,8 @@ env_number(const char *name, long fallback)
 __attribute__((constructor)) static void
 read_config(void)
 {
-    mmap_size = env_number("FAULT_MMAP_SIZE", -1);
+    arena_size = env_number("FAULT_ARENA_SIZE", -1);
+    reserve_fails = (int)env_number("FAULT_RESERVE", 0);
     mprotect_exec = (int)env_number("FAULT_MPROTECT_EXEC", 0);
     map_open_errno = (int)env_number("FAULT_MAP_OPEN", 0);
     map_write_errno = (int)env_number("FAULT_MAP_WRITE", -1);
@@ -108,9 +117,10 @@ is_target_fd(int fd)
 static int
 failed_mmap(size_t len, int prot, int flags)
 {
-    if ((long)len == mmap_size && prot == (PROT_READ | PROT_WRITE)
-        && (flags & MAP_ANONYMOUS) && should_fail())
-    {
+    int arena = (long)len == arena_size && prot == (PROT_READ | PROT_WRITE);
+    int reservation = reserve_fails && prot == PROT_NONE
+                      && len >= ((size_t)16 << 20);
+    if ((arena || reservation) && (flags & MAP_ANONYMOUS) && should_fail()) {
         errno = ENOMEM;
         return 1;
     }
@@ -141,6 +151,12 @@ mprotect(void *addr, size_t len, int prot)
     REAL(mprotect);
     if (mprotect_exec && (prot & PROT_EXEC) && should_fail()) {
         errno = EACCES;
+        return -1;
+    }
+    if ((long)len == arena_size && prot == (PROT_READ | PROT_WRITE)
+        && should_fail())
+    {
+        errno = ENOMEM;
         return -1;
     }
     return real_mprotect(addr, len, prot);

@@ -104,6 +104,7 @@ perf_requested(const PyConfig *config)
 #include <sys/resource.h>         // getrlimit()
 #include <sys/stat.h>             // fstat()
 #include <sys/auxv.h>             // getauxval()
+#include <sys/syscall.h>          // SYS_gettid
 #include <unistd.h>               // write(), getpid()
 
 typedef PyObject *(*py_evaluator)(PyThreadState *, _PyInterpreterFrame *,
@@ -919,6 +920,7 @@ static struct {
     pthread_cond_t wakeup;      /* new lines, or the flusher must go */
     pthread_t flusher;
     pid_t flusher_owner;        /* the process it runs in; 0: none */
+    int flusher_started;        /* it runs its own code (see fork_prepare) */
     int writing;                /* the flusher is writing, unlocked */
     pthread_cond_t written;     /* it has finished */
     int adopt;                  /* a forked child's map is to be filled */
@@ -959,6 +961,7 @@ lock_perf_files(void)
 
 static int jitdump_append_locked(const char *buf, size_t len);
 static void adopt_parent_lines_locked(void);
+static void copy_inherited_lines_locked(void);
 
 static int
 nothing_pending(void)
@@ -1087,6 +1090,8 @@ static void *
 flusher_main(void *Py_UNUSED(arg))
 {
     pthread_mutex_lock(&perf_map_lock);
+    pending.flusher_started = 1;
+    pthread_cond_broadcast(&pending.written);
     while (is_designated_flusher()) {
         if (nothing_pending()) {
             pthread_cond_wait(&pending.wakeup, &perf_map_lock);
@@ -1116,6 +1121,7 @@ start_flusher_locked(void)
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, FLUSHER_STACK_SIZE);
+    pending.flusher_started = 0;
     int err = pthread_create(&pending.flusher, &attr, flusher_main, NULL);
     pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -1143,12 +1149,25 @@ stop_flusher(void)
 }
 
 /* fork(): the parent's lines go into the parent's map first, and no
-   thread holds the lock across the fork.  The child has no flusher. */
+   thread holds the lock across the fork.  The child has no flusher.  A
+   child that forks before it copied its own parent's lines (see
+   adopt_parent_lines_locked) copies them now: its child could not. */
 static void
 fork_prepare(void)
 {
     lock_perf_files();
+    /* Not while the flusher is still starting: the C library (or a
+       sanitizer's runtime, which has no fork handlers) may hold locks of
+       its own in that thread, which the child would inherit held. */
+    while (pending.flusher_owner == current_pid()
+           && !pending.flusher_started)
+    {
+        pthread_cond_wait(&pending.written, &perf_map_lock);
+    }
     flush_pending_locked();
+    if (perf_map.fd >= 0 && perf_map.owner == current_pid()) {
+        copy_inherited_lines_locked();
+    }
 }
 
 static void
@@ -1847,6 +1866,14 @@ adopt_parent_lines_locked(void)
     if (jitdump.wanted && jitdump_ready_locked() < 0) {
         pending.jitdump.error = errno;
     }
+    copy_inherited_lines_locked();
+}
+
+/* Copy the parent's lines that this forked child has yet to copy into
+   its map (and dump).  Caller holds perf_map_lock. */
+static void
+copy_inherited_lines_locked(void)
+{
     if (perf_map.inherited_fd < 0) {
         return;
     }
@@ -2058,6 +2085,10 @@ take_write_error_locked(void)
     }
     err = take_error_locked(&pending.jitdump);
     if (err != 0) {
+        /* The dump misses records now: a later perf_jit starts a new one
+           rather than add to this. */
+        jitdump_close_locked();
+        jitdump.owner = 0;
         errno = err;
         return -2;
     }
@@ -2379,7 +2410,8 @@ find_exact_stack_limit(void)
 
 /* Is sp on the stack the kernel gave the process (the main thread's)?  It
    spans RLIMIT_STACK below the program's name, which exec() put near its
-   top (AT_EXECFN); thread stacks are mappings below all of that.  The
+   top (AT_EXECFN); thread stacks are mappings below all of that, unless
+   RLIMIT_STACK is huge, so the thread must be the main one too.  The
    thread that forked a child is not on it, even if its id is the
    child's pid. */
 static int
@@ -2387,7 +2419,8 @@ on_initial_stack(uintptr_t sp, const struct rlimit *limit)
 {
     uintptr_t top = (uintptr_t)getauxval(AT_EXECFN);
     return limit->rlim_cur != RLIM_INFINITY
-           && sp < top && top - sp < (uintptr_t)limit->rlim_cur;
+           && sp < top && top - sp < (uintptr_t)limit->rlim_cur
+           && syscall(SYS_gettid) == current_pid();
 }
 
 /* A thread's first limit.  For the main thread, glibc's

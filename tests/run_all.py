@@ -93,7 +93,9 @@ def run_cpython_tests(tally, label, extra_env, python=sys.executable,
     env = clean_env(**extra_env)
     with tempfile.TemporaryDirectory() as tmp:
         junit = os.path.join(tmp, "junit.xml")
-        cmd = [python, "-m", "test", "-j2", "--junit-xml", junit, *tests]
+        # --timeout: a hang fails its test file instead of the whole run.
+        cmd = [python, "-m", "test", "-j2", "--timeout", "900",
+               "--junit-xml", junit, *tests]
         print(f"== {label}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd, env=env)
         if os.path.exists(junit):

@@ -46,5 +46,11 @@ def driver(*args, env=None):
                check=False, env=full_env)
 
 
+def sanitized(tree):
+    """Is tree's build an AddressSanitizer build (make asan)?"""
+    with open(os.path.join(tree["obj"], "Makefile")) as f:
+        return "--with-address-sanitizer" in f.read()
+
+
 def python(tree):
     return os.path.join(tree["obj"], "python")

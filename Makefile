@@ -14,7 +14,8 @@ BACKEND ?= perf
 export CPYTHON_SRC FRAME_POINTERS PREFIX
 
 .PHONY: all build demo test check-full check-asan bench docs stock cross \
-	nofp debug asan dist install clean distclean deps fetch prepare
+	nofp debug asan dist install clean distclean deps fetch prepare \
+	regen-configure
 
 all: build
 
@@ -68,7 +69,7 @@ dist:
 install: build
 	@$(DRIVER) install
 
-deps fetch prepare:
+deps fetch prepare regen-configure:
 	@$(DRIVER) $@
 
 clean:

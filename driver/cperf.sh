@@ -5,7 +5,8 @@
 # prints the end of that log and exits non-zero.
 #
 #   cperf.sh deps | fetch | prepare | build | debug | asan | stock | cross
-#            | dist | install | demo | docs
+#            | dist | install | demo | docs | regen-configure
+#            | debian-source DEST
 #
 # Environment: CPYTHON_SRC (tarball or unpacked tree), CPERF_CACHE (download
 # cache, default ~/.cache/cpython-perf), FRAME_POINTERS (yes/no), PREFIX.
@@ -22,7 +23,7 @@ NEW_FILE_DIRS="Python Include Lib Doc Misc Tools"
 FP_CFLAGS="-fno-omit-frame-pointer -mno-omit-leaf-frame-pointer"
 JOBS=$(nproc)
 
-REQUIRED_PACKAGES="autoconf automake autoconf-archive pkg-config build-essential
+REQUIRED_PACKAGES="autoconf pkg-config build-essential
     libffi-dev zlib1g-dev libssl-dev linux-perf rsync valgrind
     python3-sphinx"
 OPTIONAL_PACKAGES="libbz2-dev liblzma-dev libsqlite3-dev libreadline-dev
@@ -277,9 +278,10 @@ cmd_prepare() {
     say "unpacking $(basename "$src") into a fresh tree"
     unpack "$src" "$stage"
     copy_new_files "$stage"
+    # The series carries configure and pyconfig.h.in (patch 0001): the
+    # build uses them as they are, as a packager who regenerates nothing
+    # does.
     apply_series "$stage"
-    say "regenerating configure (autoreconf)"
-    (cd "$stage" && run autoreconf autoreconf --force)
     mkdir -p "$BUILD/src"
     rsync -rlc --delete --exclude=.cperf-stamp "$stage/" "$BUILD/src/"
     rm -rf "$stage"
@@ -418,6 +420,88 @@ cmd_cross() {
     say "built build/cross-aarch64/obj/libpython3.11.a"
 }
 
+# ------------------------------------------------------ regen-configure
+
+CONFIGURE_PATCH=0001-configure-perf-trampoline.patch
+
+# diff -u that fails only on trouble (1 means the files differ).
+udiff() { diff -u "$@" || [ $? = 1 ]; }
+
+# The section of a patch that changes one file (from its "--- a/FILE").
+patch_section() {
+    awk -v file="$2" '
+        /^--- a\// { on = ($2 == "a/" file) }
+        on { print }' "$1"
+}
+
+# Patch 0001 carries configure and pyconfig.h.in as autoconf 2.69 and
+# autoheader (what generates them upstream for 3.11) make them from its
+# configure.ac hunk, so that builds that regenerate nothing, or run
+# autoconf alone, get perf support.  After editing the configure.ac hunk,
+# this rewrites the patch's configure and pyconfig.h.in hunks.  Debian's
+# autoconf 2.69 lacks the runstatedir option of upstream's, so the hunks
+# are the difference between two regenerations, applied to the pristine
+# files.
+cmd_regen_configure() {
+    upstream_source
+    local src=$SRC
+    STEP=regen-configure
+    install_packages autoconf2.69
+    local work=$BUILD/regen patch=$ROOT/patches/$CONFIGURE_PATCH dir
+    rm -rf "$work"
+    mkdir -p "$LOGS"
+    patch_section "$patch" configure.ac >"$work.ac.diff"
+    for dir in pristine before after result; do
+        unpack "$src" "$work/$dir"
+    done
+    patch -d "$work/after" -p1 -F0 <"$work.ac.diff" >/dev/null
+    for dir in before after; do
+        (cd "$work/$dir" && run regen autoconf2.69 -f &&
+            run regen autoheader2.69 -f)
+    done
+    (cd "$work" && udiff before/configure after/configure &&
+        udiff before/pyconfig.h.in after/pyconfig.h.in) \
+        | patch -d "$work/result" -p1 -F0 >/dev/null
+    {
+        sed '/^---$/q' "$patch"
+        cat "$work.ac.diff"
+        (cd "$work" && for file in configure pyconfig.h.in; do
+            udiff "pristine/$file" "result/$file" \
+                | sed "1s|.*|--- a/$file|; 2s|.*|+++ b/$file|"
+        done)
+    } >"$work.patch"
+    mv "$work.patch" "$patch"
+    rm -rf "$work" "$work.ac.diff"
+    say "rewrote patches/$CONFIGURE_PATCH"
+}
+
+# --------------------------------------------------------- debian-source
+
+# Debian's own python3.11 source package (checksummed by apt), unpacked
+# with Debian's patches applied into DEST; the download is cached.  For
+# the test of the dist patch as Debian builds it (tests/test_packagers.py).
+cmd_debian_source() {
+    local dest=$1
+    STEP=debian-source
+    [ -n "$dest" ] || die "usage: debian-source DEST"
+    local cache=$CACHE/debian-source dsc
+    dsc=$(ls "$cache"/python3.11_*.dsc 2>/dev/null | tail -n 1) || true
+    if [ -z "$dsc" ]; then
+        ensure_deb_src
+        say "downloading Debian's python3.11 source package"
+        mkdir -p "$cache" "$LOGS"
+        (cd "$cache" && run debian-source apt-get source --download-only \
+            python3.11)
+        dsc=$(ls "$cache"/python3.11_*.dsc | tail -n 1)
+    fi
+    rm -rf "$dest"
+    mkdir -p "$LOGS"
+    # apt-get checked the files against the signed archive index; dpkg
+    # would look for a keyring that a build machine need not have.
+    run debian-source dpkg-source --no-check -x "$dsc" "$dest"
+    say "unpacked $(basename "$dsc") with its patches into $dest"
+}
+
 # ---------------------------------------------------------------- dist
 
 # The series and our new files as one diff against the pristine tree.
@@ -437,8 +521,8 @@ cmd_dist() {
         echo "Description: Linux perf support (python -X perf) for CPython 3.11"
         echo " Generated by 'make dist' from the cpython-perf series:"
         series | sed 's/^/   /'
-        echo " After applying, regenerate configure (autoreconf), as"
-        echo " dh_autoreconf does."
+        echo " configure and pyconfig.h.in are included: regenerating them"
+        echo " (autoconf, autoreconf) is optional."
         echo "Forwarded: not-needed"
         echo "---"
         (cd "$work" && diff -Naur a b) || [ $? = 1 ]
@@ -510,7 +594,9 @@ main() {
         deps | fetch | prepare | build | debug | asan | stock | cross | dist \
             | install | demo | docs)
             "cmd_$cmd" ;;
-        *) die "usage: $0 deps|fetch|prepare|build|debug|asan|stock|cross|dist|install|demo|docs" ;;
+        regen-configure) cmd_regen_configure ;;
+        debian-source) cmd_debian_source "${2:-}" ;;
+        *) die "usage: $0 deps|fetch|prepare|build|debug|asan|stock|cross|dist|install|demo|docs|regen-configure" ;;
     esac
 }
 

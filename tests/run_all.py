@@ -44,6 +44,13 @@ MEMORY_TESTS = [
 ]
 MEMORY_DRIVER_TESTS = ["test_stress", "test_faults"]
 AGGRESSIVE_GC = "import gc\ngc.set_threshold(20, 5, 5)\n"
+# Sanitizer reports fail the run: AddressSanitizer stops the process by
+# default, UndefinedBehaviorSanitizer only when told.  (The fault shim is
+# preloaded before the sanitizer's runtime.)
+SANITIZER_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=0:verify_asan_link_order=0",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+}
 
 
 class Tally:
@@ -136,10 +143,9 @@ def run_memory_tests(tally, python):
         for variable in ("PYTHONPERFSUPPORT", "PYTHON_PERF_JIT_SUPPORT"):
             run_cpython_tests(tally, f"{name}: memory set with {variable}=1",
                               {variable: "1", "PYTHONPATH": site,
-                               "ASAN_OPTIONS": "detect_leaks=0"},
+                               **SANITIZER_ENV},
                               python=python, tests=MEMORY_TESTS)
-    # The fault shim is preloaded before the sanitizer's runtime.
-    os.environ["ASAN_OPTIONS"] = "detect_leaks=0:verify_asan_link_order=0"
+    os.environ.update(SANITIZER_ENV)
     sys.path.insert(0, TESTS)
     import support
     release_obj = support.PATCHED["obj"]

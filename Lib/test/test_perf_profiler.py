@@ -599,16 +599,18 @@ class PerfMapTests(unittest.TestCase):
         # big one allows recursion far past the provisional limit.
         import resource
         big = 64 * 1024 * 1024
+        # A sanitizer's C frames are several times bigger.
+        depth = 20_000 if SANITIZED else 100_000
         hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
         if hard != resource.RLIM_INFINITY and hard < big:
             self.skipTest("the hard stack limit is below 64 MiB")
-        script = textwrap.dedent("""
+        script = textwrap.dedent(f"""
             import os, sys
             sys.setrecursionlimit(1_000_000)
             def down(n):
                 return 0 if n == 0 else down(n - 1) + 1
             try:
-                result = down(100_000)
+                result = down({depth})
             except RecursionError:
                 result = "RecursionError"
             print(os.getpid(), result)
@@ -626,7 +628,7 @@ class PerfMapTests(unittest.TestCase):
             return result
 
         self.assertEqual(run_with_stack(2 * 1024 * 1024), "RecursionError")
-        self.assertEqual(run_with_stack(big), "100000")
+        self.assertEqual(run_with_stack(big), str(depth))
 
     def test_write_xor_execute(self):
         script = """
@@ -786,6 +788,32 @@ class PerfMapTests(unittest.TestCase):
                             for n in child_names))
         self.assertFalse(any(n.startswith("py::only_in_child:")
                              for n in parent_names))
+
+    def test_grandchild_of_a_fresh_child(self):
+        # A child that forks before it copied its parent's lines (a
+        # daemon's double fork) copies them first: its child cannot.
+        script = """
+            import os
+            def in_grandparent(): return 1
+            in_grandparent()
+            pid = os.fork()
+            if pid == 0:
+                def in_child(): return 2
+                in_child()
+                grandchild = os.fork()
+                if grandchild == 0:
+                    os._exit(0 if wait_for_own_file(
+                        "perf", b"py::in_grandparent:") else 1)
+                print(grandchild, flush=True)
+                os._exit(os.waitpid(grandchild, 0)[1] >> 8)
+            print(os.getpid(), pid, os.waitpid(pid, 0)[1])
+        """
+        out, _ = self.run_checked(WAIT_FOR_OWN_FILE
+                                  + textwrap.dedent(script), "-X", "perf")
+        grandchild, parent, child, status = map(int, out.split())
+        for pid in (grandchild, parent, child):
+            remove_map(pid)
+        self.assertEqual(status, 0)
 
     def test_subinterpreter(self):
         script = """

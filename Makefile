@@ -15,7 +15,7 @@ export CPYTHON_SRC FRAME_POINTERS PREFIX
 
 .PHONY: all build demo test check-full check-asan bench docs stock cross \
 	nofp debug asan dist install clean distclean deps fetch prepare \
-	regen-configure
+	regen-configure check-fresh
 
 all: build
 
@@ -43,8 +43,12 @@ debug:
 asan:
 	@$(DRIVER) asan
 
-test: build stock cross nofp debug
+test: build stock cross nofp debug check-fresh
 	@build/obj/python tests/run_all.py
+
+# make demo from a clean clone in a minimal Debian bookworm root.
+check-fresh:
+	@$(DRIVER) check-fresh
 
 # The memory-safety set (tests/run_all.py) on the sanitizer build.
 check-asan: asan

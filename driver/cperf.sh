@@ -6,7 +6,7 @@
 #
 #   cperf.sh deps | fetch | prepare | build | debug | asan | stock | cross
 #            | dist | install | demo | docs | regen-configure
-#            | debian-source DEST
+#            | debian-source DEST | check-fresh
 #
 # Environment: CPYTHON_SRC (tarball or unpacked tree), CPERF_CACHE (download
 # cache, default ~/.cache/cpython-perf), FRAME_POINTERS (yes/no), PREFIX.
@@ -502,6 +502,78 @@ cmd_debian_source() {
     say "unpacked $(basename "$dsc") with its patches into $dest"
 }
 
+# ---------------------------------------------------------- check-fresh
+
+FRESH_SUITE=bookworm
+FRESH_MIRROR=http://deb.debian.org/debian
+FRESH_MOUNTS="proc sys dev var/cache/apt/archives"
+
+# Sets FRESH_TARBALL to a minimal Debian bookworm root (mmdebstrap's
+# minbase plus make, which the README's commands need), built once from
+# the Debian archive and cached outside the repo.
+fresh_root_tarball() {
+    FRESH_TARBALL=$CACHE/$FRESH_SUITE-minbase.tar
+    [ -f "$FRESH_TARBALL" ] && return
+    install_packages mmdebstrap
+    say "building a minimal $FRESH_SUITE root (mmdebstrap --variant=minbase)"
+    mkdir -p "$CACHE"
+    run check-fresh mmdebstrap --variant=minbase --include=make \
+        "$FRESH_SUITE" "$CACHE/partial-root.tar" "$FRESH_MIRROR"
+    mv "$CACHE/partial-root.tar" "$FRESH_TARBALL"
+}
+
+unmount_fresh_root() {
+    local root=$1 fs
+    for fs in $FRESH_MOUNTS; do
+        if mountpoint -q "$root/$fs"; then
+            umount -l "$root/$fs"
+        fi
+    done
+}
+
+# The README's first command on a fresh machine: a clean clone of this
+# checkout's HEAD in a minimal bookworm root runs "make demo" there (as
+# root, with /proc, /sys and /dev for perf; the host's apt download cache
+# only spares downloads), and it must show the seed's py:: chain.
+cmd_check_fresh() {
+    STEP=check-fresh
+    [ "$(id -u)" = 0 ] || die "check-fresh needs root (chroot, mounts)"
+    mkdir -p "$LOGS"
+    fresh_root_tarball
+    local root=$BUILD/fresh-root log=$LOGS/check-fresh-demo.log fs
+    unmount_fresh_root "$root"
+    rm -rf --one-file-system "$root"
+    mkdir -p "$root"
+    tar -xf "$FRESH_TARBALL" -C "$root"
+    say "clean clone of $(git -C "$ROOT" rev-parse --short HEAD) into the root"
+    git clone -q "$ROOT" "$root/root/cpython-perf"
+    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    trap 'unmount_fresh_root "'"$root"'"' EXIT
+    for fs in $FRESH_MOUNTS; do
+        mkdir -p "$root/$fs"
+        mount --bind "/$fs" "$root/$fs"
+    done
+    say "make demo in the fresh root (output: ${log#"$ROOT"/})"
+    local start=$SECONDS status=0
+    chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+        HOME=/root LANG=C.UTF-8 \
+        bash -c 'cd /root/cpython-perf && make demo' >"$log" 2>&1 || status=$?
+    unmount_fresh_root "$root"
+    trap - EXIT
+    if [ "$status" != 0 ]; then
+        tail -n 25 "$log" >&2
+        die "make demo failed in the fresh root"
+    fi
+    # The chain, outermost first, as the report prints it.
+    if ! grep -o 'py::[a-z]*:' "$log" | tr -d '\n' \
+            | grep -q 'py::baz:py::bar:py::foo:'; then
+        tail -n 40 "$log" >&2
+        die "the demo in the fresh root shows no py::baz -> py::bar -> py::foo chain"
+    fi
+    say "make demo passed in a fresh $FRESH_SUITE root in $((SECONDS - start)) s: py::baz -> py::bar -> py::foo"
+    rm -rf --one-file-system "$root"
+}
+
 # ---------------------------------------------------------------- dist
 
 # The series and our new files as one diff against the pristine tree.
@@ -596,6 +668,7 @@ main() {
             "cmd_$cmd" ;;
         regen-configure) cmd_regen_configure ;;
         debian-source) cmd_debian_source "${2:-}" ;;
+        check-fresh) cmd_check_fresh ;;
         *) die "usage: $0 deps|fetch|prepare|build|debug|asan|stock|cross|dist|install|demo|docs|regen-configure" ;;
     esac
 }

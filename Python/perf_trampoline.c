@@ -186,7 +186,7 @@ extern const char _Py_trampoline_func_end[];
 typedef struct {
     char *region;       /* the reservation, or NULL */
     size_t region_size;
-    char *region_next;  /* where the next arena goes */
+    size_t region_used; /* bytes of it carved into arenas (and gaps) */
     pid_t owner;        /* the process that made the current arena */
     char *next;         /* next free trampoline */
     char *end;          /* end of the current arena's trampolines */
@@ -209,14 +209,13 @@ trampoline_stride(void)
 }
 
 /* Is p a trampoline of ours?  Only we map anything in the reservation,
-   and trampolines start on TRAMPOLINE_ALIGN boundaries of arenas carved
-   before region_next.  NULL is not one. */
+   and trampolines start on TRAMPOLINE_ALIGN boundaries of the part carved
+   into arenas.  NULL is not one. */
 static inline int
 is_trampoline(const void *p)
 {
     uintptr_t offset = (uintptr_t)p - (uintptr_t)arenas.region;
-    return offset < (uintptr_t)(arenas.region_next - arenas.region)
-           && offset % TRAMPOLINE_ALIGN == 0;
+    return offset < arenas.region_used && offset % TRAMPOLINE_ALIGN == 0;
 }
 
 /* Fill the first len bytes (whole strides) of a fresh, zeroed mapping with
@@ -241,7 +240,7 @@ reserve_region(void)
         char *mem = mmap(NULL, size, PROT_NONE,
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (mem != MAP_FAILED) {
-            arenas.region = arenas.region_next = mem;
+            arenas.region = mem;
             arenas.region_size = size;
             return 0;
         }
@@ -258,8 +257,7 @@ next_arena_size(void)
         size = ARENA_MAX_SIZE;
     }
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    size_t left = arenas.region_size
-                  - (size_t)(arenas.region_next - arenas.region);
+    size_t left = arenas.region_size - arenas.region_used;
     if (left < ARENA_MIN_SIZE + page) {
         return 0;
     }
@@ -281,7 +279,7 @@ new_arena(void)
         errno = ENOMEM;
         return -1;
     }
-    char *mem = arenas.region_next;
+    char *mem = arenas.region + arenas.region_used;
     if (mprotect(mem, size, PROT_READ | PROT_WRITE) < 0) {
         return -1;
     }
@@ -297,7 +295,7 @@ new_arena(void)
     /* Needed on architectures whose instruction cache does not snoop data
        writes (aarch64); a no-op on x86_64. */
     __builtin___clear_cache(mem, mem + size);
-    arenas.region_next = mem + size + (size_t)sysconf(_SC_PAGESIZE);
+    arenas.region_used += size + (size_t)sysconf(_SC_PAGESIZE);
     arenas.owner = current_pid();
     arenas.next = mem;
     arenas.end = mem + count * stride;
@@ -2187,17 +2185,16 @@ set_fast_path(PyInterpreterState *interp, Py_ssize_t index)
     }
 }
 
-/* The trampoline in co's slot index, or NULL if the slot holds none of
-   ours (it may hold another tool's data: see is_trampoline). */
-static inline py_trampoline
-read_trampoline(PyCodeObject *co, Py_ssize_t index)
+/* What co's slot index holds, or NULL.  Not necessarily a trampoline: it
+   may be another tool's data (see is_trampoline). */
+static inline void *
+read_code_extra(PyCodeObject *co, Py_ssize_t index)
 {
     code_extra_block *extra = (code_extra_block *)co->co_extra;
     if (extra == NULL || index >= extra->ce_size) {
         return NULL;
     }
-    void *code = extra->ce_extras[index];
-    return is_trampoline(code) ? (py_trampoline)code : NULL;
+    return extra->ce_extras[index];
 }
 
 /* Deep-frozen code objects (importlib, os, site...) are static, shared by
@@ -2275,7 +2272,7 @@ compile_trampoline(PyCodeObject *co, Py_ssize_t index)
     if (_PyCode_SetExtra((PyObject *)co, index, (void *)code) < 0) {
         return NULL;
     }
-    if (read_trampoline(co, index) != code) {
+    if (read_code_extra(co, index) != (void *)code) {
         fast.layout_broken = 1;
         fast.interp = NULL;
     }
@@ -2525,9 +2522,10 @@ py_trampoline_evaluator(PyThreadState *tstate, _PyInterpreterFrame *frame,
     if (tstate->interp == fast.interp
         && current_stack_address() > stack_limit)
     {
-        py_trampoline code = read_trampoline(frame->f_code, fast.index);
-        if (code != NULL) {
-            return code(tstate, frame, throwflag, _PyEval_EvalFrameDefault);
+        void *code = read_code_extra(frame->f_code, fast.index);
+        if (is_trampoline(code)) {
+            return ((py_trampoline)code)(tstate, frame, throwflag,
+                                         _PyEval_EvalFrameDefault);
         }
     }
     return evaluate_slow(tstate, frame, throwflag);

@@ -36,7 +36,7 @@ nofp:
 	@FRAME_POINTERS=no $(DRIVER) build
 
 # The patched build --with-pydebug (build/python-debug), and with
-# AddressSanitizer + UBSan (build/python-asan, about 10 minutes).
+# AddressSanitizer + UBSan (build/python-asan, about 5 minutes).
 debug:
 	@$(DRIVER) debug
 
@@ -76,10 +76,12 @@ install: build
 deps fetch prepare regen-configure:
 	@$(DRIVER) $@
 
+# --one-file-system: never into /proc, /sys or /dev of a fresh root that an
+# interrupted check-fresh left mounted.
 clean:
-	rm -rf build/obj build/obj-nofp build/obj-debug build/obj-asan \
+	rm -rf --one-file-system build/obj build/obj-nofp build/obj-debug build/obj-asan \
 		build/stock/obj build/cross-aarch64 build/demo build/logs \
 		build/python build/python-nofp build/python-debug build/python-asan
 
 distclean:
-	rm -rf build dist
+	rm -rf --one-file-system build dist

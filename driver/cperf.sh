@@ -506,7 +506,7 @@ cmd_debian_source() {
 
 FRESH_SUITE=bookworm
 FRESH_MIRROR=http://deb.debian.org/debian
-FRESH_MOUNTS="proc sys dev var/cache/apt/archives"
+FRESH_MOUNTS="proc sys dev"
 
 # Sets FRESH_TARBALL to a minimal Debian bookworm root (mmdebstrap's
 # minbase plus make, which the README's commands need), built once from
@@ -533,8 +533,10 @@ unmount_fresh_root() {
 
 # The README's first command on a fresh machine: a clean clone of this
 # checkout's HEAD in a minimal bookworm root runs "make demo" there (as
-# root, with /proc, /sys and /dev for perf; the host's apt download cache
-# only spares downloads), and it must show the seed's py:: chain.
+# root, with /proc, /sys and /dev for perf), and it must show the seed's
+# py:: chain.  Hard links to the host's downloaded packages spare
+# downloads (the driver in the root still installs every package); they
+# are not a bind mount, which removing the root would empty.
 cmd_check_fresh() {
     STEP=check-fresh
     [ "$(id -u)" = 0 ] || die "check-fresh needs root (chroot, mounts)"
@@ -548,6 +550,8 @@ cmd_check_fresh() {
     say "clean clone of $(git -C "$ROOT" rev-parse --short HEAD) into the root"
     git clone -q "$ROOT" "$root/root/cpython-perf"
     cp /etc/resolv.conf "$root/etc/resolv.conf"
+    cp -al /var/cache/apt/archives/*.deb "$root/var/cache/apt/archives/" \
+        2>/dev/null || true     # another file system: download them
     trap 'unmount_fresh_root "'"$root"'"' EXIT
     for fs in $FRESH_MOUNTS; do
         mkdir -p "$root/$fs"

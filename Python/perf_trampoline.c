@@ -117,7 +117,7 @@ typedef PyObject *(*py_trampoline)(PyThreadState *, _PyInterpreterFrame *,
    fork handler keeps a copy.  The process hooks are installed once, on
    first use; the fork and exit handlers also write out deferred map lines
    (see below), and the child's handler has its first Python frame give it
-   its own map (see adopt_outputs_after_fork). */
+   its own map (see schedule_adoption). */
 static pid_t cached_pid;
 static pthread_once_t process_hooks_once = PTHREAD_ONCE_INIT;
 
@@ -248,15 +248,15 @@ reserve_region(void)
     return -1;
 }
 
-/* The size of the next arena, or 0 if the reservation is used up. */
+/* The size of the next arena, or 0 if the reservation has no room for it
+   and the page left unmapped after it. */
 static size_t
-next_arena_size(void)
+next_arena_size(size_t page)
 {
     size_t size = arenas.last_size ? arenas.last_size * 2 : ARENA_MIN_SIZE;
     if (size > ARENA_MAX_SIZE) {
         size = ARENA_MAX_SIZE;
     }
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
     size_t left = arenas.region_size - arenas.region_used;
     if (left < ARENA_MIN_SIZE + page) {
         return 0;
@@ -274,7 +274,8 @@ new_arena(void)
     if (arenas.region == NULL && reserve_region() < 0) {
         return -1;
     }
-    size_t size = next_arena_size();
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t size = next_arena_size(page);
     if (size == 0) {
         errno = ENOMEM;
         return -1;
@@ -295,7 +296,7 @@ new_arena(void)
     /* Needed on architectures whose instruction cache does not snoop data
        writes (aarch64); a no-op on x86_64. */
     __builtin___clear_cache(mem, mem + size);
-    arenas.region_used += size + (size_t)sysconf(_SC_PAGESIZE);
+    arenas.region_used += size + page;
     arenas.owner = current_pid();
     arenas.next = mem;
     arenas.end = mem + count * stride;
@@ -556,6 +557,13 @@ perf_map_copy_locked(int src_fd, off_t size)
     return for_each_map_chunk(src_fd, 0, size, append_map_lines, NULL);
 }
 
+/* Is this process's map open?  (After fork() the parent's may be.) */
+static int
+perf_map_open_here(void)
+{
+    return perf_map.fd >= 0 && perf_map.owner == current_pid();
+}
+
 static void
 drop_inherited_map_locked(void)
 {
@@ -573,8 +581,9 @@ perf_map_fork_locked(void)
 {
     int parent_fd = perf_map.fd;
     off_t parent_size = perf_map.size;
+    /* The parent copied its own parent's lines before it forked. */
+    assert(perf_map.inherited_fd < 0);
     perf_map.fd = -1;
-    drop_inherited_map_locked();    /* a grandparent's, never copied */
     if (perf_map_open_locked() < 0) {
         close_keeping_errno(parent_fd);
         return -1;
@@ -588,7 +597,7 @@ perf_map_fork_locked(void)
 static int
 perf_map_ready_locked(void)
 {
-    if (perf_map.fd >= 0 && perf_map.owner == current_pid()) {
+    if (perf_map_open_here()) {
         return 0;
     }
     /* Opening the file or starting the child's: not while the flusher
@@ -1163,7 +1172,7 @@ fork_prepare(void)
         pthread_cond_wait(&pending.written, &perf_map_lock);
     }
     flush_pending_locked();
-    if (perf_map.fd >= 0 && perf_map.owner == current_pid()) {
+    if (perf_map_open_here()) {
         copy_inherited_lines_locked();
     }
 }
@@ -1650,9 +1659,7 @@ static void
 jitdump_close_locked(void)
 {
     flush_pending_locked();
-    if (jitdump_open_here() && perf_map.fd >= 0
-        && perf_map.owner == current_pid())
-    {
+    if (jitdump_open_here() && perf_map_open_here()) {
         /* Every trampoline the map lists is in the dump now: opened again
            (perf_jit switched back on), it needs only the later ones. */
         jitdump.map_done = perf_map.size;
@@ -2358,7 +2365,7 @@ find_or_make_trampoline(PyThreadState *tstate, PyCodeObject *co)
    STACK_RESERVE bytes are left.  stack_limit starts at UINTPTR_MAX, so a
    thread's first frame takes the slow path, which finds the limit.
 
-   Only the thread's own stack, [stack_low, stack_high), is judged: code
+   Only the thread's own stack, from stack_low up, is judged: code
    may run on stacks the guard knows nothing of (fibers made with
    makecontext(), C coroutine libraries), and there it runs as on stock. */
 #define STACK_RESERVE (256 * 1024)
@@ -2477,7 +2484,7 @@ schedule_adoption(void)
 {
     adoption_pending = 0;
     pthread_mutex_lock(&perf_map_lock);
-    if (perf_map.fd >= 0 && perf_map.owner != current_pid()) {
+    if (perf_map.fd >= 0 && !perf_map_open_here()) {     /* the parent's */
         if (schedule_flusher_locked() < 0) {
             wait_for_flusher_write_locked();
             adopt_parent_lines_locked();

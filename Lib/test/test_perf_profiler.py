@@ -1139,33 +1139,28 @@ class DeferredLinesTests(unittest.TestCase):
         self.assertEqual(sum(n.startswith("py::idle") for n in names), 300)
         self.assertLess(float(waited), 2.0)
 
-    def test_os_exit_writes_pending_lines(self):
-        script = """
-            import os
-            def right_before_exit(): return 1
-            right_before_exit()
+    def assert_named_before_leaving(self, leave):
+        """A function run just before leave (a statement that ends the
+        process image) is in the map: its buffered line was written."""
+        script = f"""
+            import os, sys
+            def right_before_leaving(): return 1
+            right_before_leaving()
             print(os.getpid(), flush=True)
-            os._exit(0)
+            {leave}
         """
         out = self.run_checked(script, "-X", "perf")
         names = read_map(int(out))
         remove_map(int(out))
-        self.assertTrue(any(n.startswith("py::right_before_exit:")
+        self.assertTrue(any(n.startswith("py::right_before_leaving:")
                             for n in names))
 
+    def test_os_exit_writes_pending_lines(self):
+        self.assert_named_before_leaving("os._exit(0)")
+
     def test_exec_writes_pending_lines(self):
-        script = """
-            import os, sys
-            def right_before_exec(): return 1
-            right_before_exec()
-            print(os.getpid(), flush=True)
-            os.execv(sys.executable, [sys.executable, "-c", "pass"])
-        """
-        out = self.run_checked(script, "-X", "perf")
-        names = read_map(int(out))
-        remove_map(int(out))
-        self.assertTrue(any(n.startswith("py::right_before_exec:")
-                            for n in names))
+        self.assert_named_before_leaving(
+            'os.execv(sys.executable, [sys.executable, "-c", "pass"])')
 
     def test_children_running_no_python_leave_no_map(self):
         # A child that exits or execs at once copies none of its parent's

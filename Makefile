@@ -15,7 +15,7 @@ export CPYTHON_SRC FRAME_POINTERS PREFIX
 
 .PHONY: all build demo test check-full check-asan bench docs stock cross \
 	nofp debug asan dist install clean distclean deps fetch prepare \
-	regen-configure check-fresh
+	regen-configure check-fresh deb check-deb
 
 all: build
 
@@ -49,6 +49,14 @@ test: build stock cross nofp debug check-fresh
 # make demo from a clean clone in a minimal Debian bookworm root.
 check-fresh:
 	@$(DRIVER) check-fresh
+
+# Debian's python3.11 binary packages with our patch (build/deb), and
+# their check in a fresh bookworm root; see README, "Debian packages".
+deb:
+	@$(DRIVER) deb
+
+check-deb:
+	@$(DRIVER) check-deb
 
 # The memory-safety set (tests/run_all.py) on the sanitizer build.
 check-asan: asan

@@ -6,7 +6,7 @@
 #
 #   cperf.sh deps | fetch | prepare | build | debug | asan | stock | cross
 #            | dist | install | demo | docs | regen-configure
-#            | debian-source DEST | check-fresh
+#            | debian-source DEST | check-fresh | deb | check-deb
 #
 # Environment: CPYTHON_SRC (tarball or unpacked tree), CPERF_CACHE (download
 # cache, default ~/.cache/cpython-perf), FRAME_POINTERS (yes/no), PREFIX.
@@ -477,29 +477,164 @@ cmd_regen_configure() {
 
 # --------------------------------------------------------- debian-source
 
-# Debian's own python3.11 source package (checksummed by apt), unpacked
-# with Debian's patches applied into DEST; the download is cached.  For
-# the test of the dist patch as Debian builds it (tests/test_packagers.py).
+DEBIAN_CACHE=$CACHE/debian-source
+
+# The python3.11 that apt installs here: on bookworm a security update
+# (bookworm-security) newer than the point release.
+candidate_version() {
+    apt-cache policy python3.11 | sed -n 's/^  Candidate: //p'
+}
+
+# The versions of python3.11's source that apt knows, newest first.
+source_versions() {
+    apt-cache showsrc python3.11 | sed -n 's/^Version: //p' | sort -rVu
+}
+
+# Adds a deb-src entry for bookworm-security when apt installs a
+# python3.11 whose source it does not know.
+ensure_security_source() {
+    local candidate=$1
+    source_versions | grep -x "$candidate" >/dev/null && return
+    local entry=/etc/apt/sources.list.d/cpython-perf-security-src.sources
+    [ "$(id -u)" = 0 ] || return 0
+    say "adding a deb-src entry for bookworm-security: $entry"
+    cat >"$entry" <<'SRC'
+Types: deb-src
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    run "$STEP" apt-get update
+}
+
+# Sets DSC to the cached .dsc of Debian's python3.11 source package,
+# downloaded once (apt checks it against the signed archive index): the
+# version apt installs, or where the archive does not serve that one's
+# source, the newest it does serve.
+debian_source_package() {
+    local candidate version
+    ensure_deb_src
+    candidate=$(candidate_version)
+    [ -n "$candidate" ] || die "apt knows no python3.11 package"
+    ensure_security_source "$candidate"
+    mkdir -p "$DEBIAN_CACHE" "$LOGS"
+    for version in $(source_versions); do
+        DSC=$DEBIAN_CACHE/python3.11_${version#*:}.dsc
+        [ -f "$DSC" ] && break
+        say "downloading Debian's python3.11 $version source package"
+        (cd "$DEBIAN_CACHE" && apt-get source --download-only \
+            "python3.11=$version" >>"$LOGS/$STEP.log" 2>&1) && break
+        say "the archive does not serve python3.11 $version's source (see build/logs/$STEP.log)"
+        DSC=
+    done
+    [ -n "$DSC" ] || die "apt could download no python3.11 source package"
+    version=$(basename "$DSC" .dsc)
+    version=${version#python3.11_}
+    if dpkg --compare-versions "$version" lt "${candidate#*:}"; then
+        say "warning: building Debian's $version, older than the $candidate apt installs here"
+    fi
+}
+
+# unpack_debian_source DEST: Debian's source package, with Debian's
+# patches applied, in DEST.
+unpack_debian_source() {
+    local dest=$1
+    debian_source_package
+    rm -rf "$dest"
+    mkdir -p "$LOGS"
+    # apt-get checked the files; dpkg would look for a keyring that a
+    # build machine need not have.
+    run "$STEP" dpkg-source --no-check -x "$DSC" "$dest"
+    say "unpacked $(basename "$DSC") with its patches into ${dest#"$ROOT"/}"
+}
+
+# For the test of the dist patch as Debian builds it
+# (tests/test_packagers.py).
 cmd_debian_source() {
     local dest=$1
     STEP=debian-source
     [ -n "$dest" ] || die "usage: debian-source DEST"
-    local cache=$CACHE/debian-source dsc
-    dsc=$(ls "$cache"/python3.11_*.dsc 2>/dev/null | tail -n 1) || true
-    if [ -z "$dsc" ]; then
-        ensure_deb_src
-        say "downloading Debian's python3.11 source package"
-        mkdir -p "$cache" "$LOGS"
-        (cd "$cache" && run debian-source apt-get source --download-only \
-            python3.11)
-        dsc=$(ls "$cache"/python3.11_*.dsc | tail -n 1)
-    fi
-    rm -rf "$dest"
-    mkdir -p "$LOGS"
-    # apt-get checked the files against the signed archive index; dpkg
-    # would look for a keyring that a build machine need not have.
-    run debian-source dpkg-source --no-check -x "$dsc" "$dest"
-    say "unpacked $(basename "$dsc") with its patches into $dest"
+    unpack_debian_source "$dest"
+}
+
+# ----------------------------------------------------------------- deb
+
+DEB_DIR=$BUILD/deb
+DEB_PATCH=cpython-perf.patch
+# Appended to Debian's version: sorts above it, below its next update.
+DEB_VERSION_SUFFIX=+perf1
+DEB_DEFAULT_OPTIONS="nocheck nopgo nolto parallel=$JOBS"
+
+# The dist patch as the last of Debian's patches: dpkg-buildpackage
+# (dpkg-source --before-build) applies it with the others' rules, no fuzz.
+add_our_patch() {
+    local tree=$1
+    cp "$ROOT/dist/python3.11-perf.patch" "$tree/debian/patches/$DEB_PATCH"
+    echo "$DEB_PATCH" >>"$tree/debian/patches/series"
+}
+
+# Frame pointers in every flavour debian/rules builds: its flags all come
+# from dpkg-buildflags, which appends DEB_CFLAGS_MAINT_APPEND.  (An
+# exported make variable would not reach rules' $(shell) calls.)
+add_frame_pointers() {
+    local rules=$1/debian/rules
+    local definition='^\([[:space:]]*dpkg_[a-z]*flags = \)'
+    sed -i "s|$definition\(DEB_BUILD_MAINT_OPTIONS=\)|\1DEB_CFLAGS_MAINT_APPEND=\"$FP_CFLAGS\" \2|" \
+        "$rules"
+    # bookworm's rules define dpkg_buildflags once, dpkg_pieflags twice.
+    [ "$(grep -c "^[[:space:]]*dpkg_[a-z]*flags = DEB_CFLAGS_MAINT_APPEND=" "$rules")" -ge 3 ] ||
+        die "debian/rules has no dpkg-buildflags definitions to add frame pointers to"
+}
+
+# A changelog entry for our local version, which names what changed.
+add_changelog_entry() {
+    local tree=$1 version=$2
+    local entry=$tree/debian/changelog.perf
+    {
+        echo "python3.11 ($version) bookworm; urgency=medium"
+        echo
+        echo "  * Linux perf support (python -X perf, PYTHONPERFSUPPORT=1,"
+        echo "    sys.activate_stack_trampoline) from cpython-perf"
+        echo "    $(git -C "$ROOT" rev-parse --short HEAD): debian/patches/$DEB_PATCH."
+        echo "  * Built with $FP_CFLAGS."
+        echo
+        echo " -- ${DEBFULLNAME:-cpython-perf} <${DEBEMAIL:-root@localhost}>  $(date -R)"
+        echo
+        cat "$tree/debian/changelog"
+    } >"$entry"
+    mv "$entry" "$tree/debian/changelog"
+}
+
+# Debian's binary packages of python3.11 with our patch, frame pointers
+# and a local version, in build/deb.  DEB_BUILD_OPTIONS passes through.
+cmd_deb() {
+    STEP=deb
+    [ "$(id -u)" = 0 ] || die "deb installs build dependencies: run it as root"
+    install_packages dpkg-dev
+    cmd_dist
+    STEP=deb
+    rm -rf "$DEB_DIR"
+    mkdir -p "$DEB_DIR"
+    local tree=$DEB_DIR/python3.11
+    unpack_debian_source "$tree"
+    local version
+    version=$(dpkg-parsechangelog -l "$tree/debian/changelog" -S Version)
+    version=$version$DEB_VERSION_SUFFIX
+    add_our_patch "$tree"
+    add_frame_pointers "$tree"
+    add_changelog_entry "$tree" "$version"
+    say "installing the build dependencies (apt-get build-dep)"
+    run deb env DEBIAN_FRONTEND=noninteractive \
+        apt-get build-dep -y "$tree"
+    local options=${DEB_BUILD_OPTIONS-$DEB_DEFAULT_OPTIONS}
+    say "dpkg-buildpackage -b $version, DEB_BUILD_OPTIONS='$options' (log: build/logs/deb-build.log)"
+    local start=$SECONDS
+    : >"$LOGS/deb-build.log"
+    (cd "$tree" && DEB_BUILD_OPTIONS=$options run deb-build \
+        dpkg-buildpackage -b -us -uc)
+    say "built in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s:"
+    (cd "$DEB_DIR" && ls ./*.deb | sed 's|^\./|    build/deb/|')
 }
 
 # ---------------------------------------------------------- check-fresh
@@ -531,24 +666,20 @@ unmount_fresh_root() {
     done
 }
 
-# The README's first command on a fresh machine: a clean clone of this
-# checkout's HEAD in a minimal bookworm root runs "make demo" there (as
-# root, with /proc, /sys and /dev for perf), and it must show the seed's
-# py:: chain.  Hard links to the host's downloaded packages spare
-# downloads (the driver in the root still installs every package); they
-# are not a bind mount, which removing the root would empty.
-cmd_check_fresh() {
-    STEP=check-fresh
-    [ "$(id -u)" = 0 ] || die "check-fresh needs root (chroot, mounts)"
+# enter_fresh_root ROOT: ROOT becomes a fresh minimal bookworm root with
+# this machine's name servers and /proc, /sys and /dev mounted (for perf);
+# leave_fresh_root ROOT unmounts them (also on exit).  Hard links to the
+# host's downloaded packages spare downloads; they are not a bind mount,
+# which removing the root would empty.
+enter_fresh_root() {
+    local root=$1 fs
+    [ "$(id -u)" = 0 ] || die "$STEP needs root (chroot, mounts)"
     mkdir -p "$LOGS"
     fresh_root_tarball
-    local root=$BUILD/fresh-root log=$LOGS/check-fresh-demo.log fs
     unmount_fresh_root "$root"
     rm -rf --one-file-system "$root"
     mkdir -p "$root"
     tar -xf "$FRESH_TARBALL" -C "$root"
-    say "clean clone of $(git -C "$ROOT" rev-parse --short HEAD) into the root"
-    git clone -q "$ROOT" "$root/root/cpython-perf"
     cp /etc/resolv.conf "$root/etc/resolv.conf"
     cp -al /var/cache/apt/archives/*.deb "$root/var/cache/apt/archives/" \
         2>/dev/null || true     # another file system: download them
@@ -557,13 +688,34 @@ cmd_check_fresh() {
         mkdir -p "$root/$fs"
         mount --bind "/$fs" "$root/$fs"
     done
+}
+
+leave_fresh_root() {
+    unmount_fresh_root "$1"
+    trap - EXIT
+}
+
+# in_fresh_root ROOT COMMAND: COMMAND run by bash as root in ROOT, with a
+# clean environment.
+in_fresh_root() {
+    chroot "$1" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+        HOME=/root LANG=C.UTF-8 bash -c "$2"
+}
+
+# The README's first command on a fresh machine: a clean clone of this
+# checkout's HEAD in a minimal bookworm root runs "make demo" there, and
+# it must show the seed's py:: chain.
+cmd_check_fresh() {
+    STEP=check-fresh
+    local root=$BUILD/fresh-root log=$LOGS/check-fresh-demo.log
+    enter_fresh_root "$root"
+    say "clean clone of $(git -C "$ROOT" rev-parse --short HEAD) into the root"
+    git clone -q "$ROOT" "$root/root/cpython-perf"
     say "make demo in the fresh root (output: ${log#"$ROOT"/})"
     local start=$SECONDS status=0
-    chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-        HOME=/root LANG=C.UTF-8 \
-        bash -c 'cd /root/cpython-perf && make demo' >"$log" 2>&1 || status=$?
-    unmount_fresh_root "$root"
-    trap - EXIT
+    in_fresh_root "$root" 'cd /root/cpython-perf && make demo' >"$log" 2>&1 ||
+        status=$?
+    leave_fresh_root "$root"
     if [ "$status" != 0 ]; then
         tail -n 25 "$log" >&2
         die "make demo failed in the fresh root"
@@ -575,6 +727,43 @@ cmd_check_fresh() {
         die "the demo in the fresh root shows no py::baz -> py::bar -> py::foo chain"
     fi
     say "make demo passed in a fresh $FRESH_SUITE root in $((SECONDS - start)) s: py::baz -> py::bar -> py::foo"
+    rm -rf --one-file-system "$root"
+}
+
+# ------------------------------------------------------------ check-deb
+
+# The seed example (the howto's foo/bar/baz) from the test module, with
+# whatever python3 is at hand: the packages under test are not installed
+# here.
+write_seed() {
+    python3 -c 'import ast, sys
+tree = ast.parse(open(sys.argv[1]).read())
+print(next(node.value.value for node in tree.body
+           if isinstance(node, ast.Assign)
+           and getattr(node.targets[0], "id", None) == "SEED"))' \
+        "$ROOT/Lib/test/test_perf_profiler.py" >"$1"
+}
+
+# make deb's packages on a fresh bookworm with Debian's python3.11: the
+# upgrade, perf with both backends, numpy, apt, and the way back
+# (driver/check_deb_root.sh).
+cmd_check_deb() {
+    STEP=check-deb
+    ls "$DEB_DIR"/*.deb >/dev/null 2>&1 ||
+        die "no packages in build/deb: run make deb first"
+    local root=$BUILD/deb-root
+    enter_fresh_root "$root"
+    mkdir -p "$root/root/debs"
+    cp "$DEB_DIR"/*.deb "$root/root/debs/"
+    write_seed "$root/root/seed.py"
+    cp "$ROOT/driver/check_deb_root.sh" "$ROOT/driver/report_excerpt.py" \
+        "$root/root/"
+    local start=$SECONDS status=0
+    in_fresh_root "$root" 'bash /root/check_deb_root.sh' || status=$?
+    cp "$root/root/check-deb.log" "$LOGS/check-deb.log" 2>/dev/null || true
+    leave_fresh_root "$root"
+    [ "$status" = 0 ] || die "the packages failed in the fresh root (log: build/logs/check-deb.log)"
+    say "passed in a fresh $FRESH_SUITE root in $((SECONDS - start)) s"
     rm -rf --one-file-system "$root"
 }
 
@@ -598,10 +787,12 @@ cmd_dist() {
         echo " Generated by 'make dist' from the cpython-perf series:"
         series | sed 's/^/   /'
         echo " configure and pyconfig.h.in are included: regenerating them"
-        echo " (autoconf, autoreconf) is optional."
+        echo " (autoconf, autoreconf) is optional.  The Misc/NEWS.d entries"
+        echo " are left out: their directories' names hold spaces, which"
+        echo " dpkg-source refuses in a patch."
         echo "Forwarded: not-needed"
         echo "---"
-        (cd "$work" && diff -Naur a b) || [ $? = 1 ]
+        (cd "$work" && diff -Naur -x NEWS.d a b) || [ $? = 1 ]
     } >"$out"
     rm -rf "$work"
     say "wrote dist/python3.11-perf.patch ($(grep -c '^+++ ' "$out") files)"
@@ -672,9 +863,13 @@ main() {
             "cmd_$cmd" ;;
         regen-configure) cmd_regen_configure ;;
         debian-source) cmd_debian_source "${2:-}" ;;
+        deb) cmd_deb ;;
         check-fresh) cmd_check_fresh ;;
-        *) die "usage: $0 deps|fetch|prepare|build|debug|asan|stock|cross|dist|install|demo|docs|regen-configure" ;;
+        check-deb) cmd_check_deb ;;
+        *) die "usage: $0 deps|fetch|prepare|build|debug|asan|stock|cross|dist|install|demo|docs|regen-configure|debian-source DEST|check-fresh|deb|check-deb" ;;
     esac
 }
 
-main "$@"
+# Braces: bash has read the whole call before it runs, so editing this file
+# while it runs cannot make it read and run a tail of the new text.
+{ main "$@"; exit; }

@@ -6,7 +6,8 @@
 #
 #   cperf.sh deps | fetch | prepare | build | debug | asan | stock | cross
 #            | dist | install | demo | docs | regen-configure
-#            | debian-source DEST | check-fresh | deb | check-deb
+#            | debian-source DEST | check-fresh | deb | deb-source DEST
+#            | check-deb
 #
 # Environment: CPYTHON_SRC (tarball or unpacked tree), CPERF_CACHE (download
 # cache, default ~/.cache/cpython-perf), FRAME_POINTERS (yes/no), PREFIX.
@@ -606,29 +607,43 @@ add_changelog_entry() {
     mv "$entry" "$tree/debian/changelog"
 }
 
+# prepare_deb_tree TREE: Debian's python3.11 source in TREE with our
+# patch, frame pointers and a local version (in DEB_VERSION).
+prepare_deb_tree() {
+    local tree=$1 step=$STEP
+    install_packages dpkg-dev
+    cmd_dist
+    STEP=$step
+    unpack_debian_source "$tree"
+    DEB_VERSION=$(dpkg-parsechangelog -l "$tree/debian/changelog" -S Version)
+    DEB_VERSION=$DEB_VERSION$DEB_VERSION_SUFFIX
+    add_our_patch "$tree"
+    add_frame_pointers "$tree"
+    add_changelog_entry "$tree" "$DEB_VERSION"
+}
+
+# For the test of that tree (tests/test_packagers.py).
+cmd_deb_source() {
+    local dest=$1
+    STEP=deb-source
+    [ -n "$dest" ] || die "usage: deb-source DEST"
+    prepare_deb_tree "$dest"
+}
+
 # Debian's binary packages of python3.11 with our patch, frame pointers
 # and a local version, in build/deb.  DEB_BUILD_OPTIONS passes through.
 cmd_deb() {
     STEP=deb
     [ "$(id -u)" = 0 ] || die "deb installs build dependencies: run it as root"
-    install_packages dpkg-dev
-    cmd_dist
-    STEP=deb
     rm -rf "$DEB_DIR"
     mkdir -p "$DEB_DIR"
     local tree=$DEB_DIR/python3.11
-    unpack_debian_source "$tree"
-    local version
-    version=$(dpkg-parsechangelog -l "$tree/debian/changelog" -S Version)
-    version=$version$DEB_VERSION_SUFFIX
-    add_our_patch "$tree"
-    add_frame_pointers "$tree"
-    add_changelog_entry "$tree" "$version"
+    prepare_deb_tree "$tree"
     say "installing the build dependencies (apt-get build-dep)"
     run deb env DEBIAN_FRONTEND=noninteractive \
         apt-get build-dep -y "$tree"
     local options=${DEB_BUILD_OPTIONS-$DEB_DEFAULT_OPTIONS}
-    say "dpkg-buildpackage -b $version, DEB_BUILD_OPTIONS='$options' (log: build/logs/deb-build.log)"
+    say "dpkg-buildpackage -b $DEB_VERSION, DEB_BUILD_OPTIONS='$options' (log: build/logs/deb-build.log)"
     local start=$SECONDS
     : >"$LOGS/deb-build.log"
     (cd "$tree" && DEB_BUILD_OPTIONS=$options run deb-build \
@@ -864,9 +879,10 @@ main() {
         regen-configure) cmd_regen_configure ;;
         debian-source) cmd_debian_source "${2:-}" ;;
         deb) cmd_deb ;;
+        deb-source) cmd_deb_source "${2:-}" ;;
         check-fresh) cmd_check_fresh ;;
         check-deb) cmd_check_deb ;;
-        *) die "usage: $0 deps|fetch|prepare|build|debug|asan|stock|cross|dist|install|demo|docs|regen-configure|debian-source DEST|check-fresh|deb|check-deb" ;;
+        *) die "usage: $0 deps|fetch|prepare|build|debug|asan|stock|cross|dist|install|demo|docs|regen-configure|debian-source DEST|check-fresh|deb|deb-source DEST|check-deb" ;;
     esac
 }
 

@@ -40,5 +40,56 @@ class DebianSourceTests(unittest.TestCase):
                                 "the trampoline object is not built")
 
 
+class DebTreeTests(unittest.TestCase):
+    """The source tree that make deb hands to dpkg-buildpackage."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.tree = os.path.join(cls.tmp.name, "python3.11")
+        proc = driver("deb-source", cls.tree)
+        if proc.returncode != 0:
+            cls.tmp.cleanup()
+            raise AssertionError(proc.stderr)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def rules_variable(self, name):
+        rule = f"print-{name}: ; @echo '$({name})'"
+        return run(["make", "-s", "-f", "debian/rules", "--eval", rule,
+                    f"print-{name}"], cwd=self.tree).stdout.strip()
+
+    def test_our_patch_applies_last_without_fuzz(self):
+        out = run(["dpkg-source", "--before-build", self.tree]).stdout
+        self.assertNotRegex(out, r"fuzz|offset|FAILED")
+        with open(os.path.join(self.tree, ".pc", "applied-patches")) as f:
+            self.assertEqual(f.read().split()[-1], "cpython-perf.patch")
+        # A new file, so only our patch can have made it.
+        self.assertTrue(os.path.isfile(
+            os.path.join(self.tree, "Python", "perf_trampoline.c")))
+
+    def test_every_flavour_has_frame_pointers(self):
+        # The static, nopie, shared and debug builds take these flags.
+        for name in ("OPT_CFLAGS", "OPT_PIE_CFLAGS", "DEBUG_CFLAGS"):
+            with self.subTest(name=name):
+                flags = self.rules_variable(name).split()
+                self.assertIn("-fno-omit-frame-pointer", flags)
+                self.assertIn("-mno-omit-leaf-frame-pointer", flags)
+
+    def test_version_sorts_above_debians(self):
+        changelog = os.path.join(self.tree, "debian", "changelog")
+        ours, debians = [
+            run(["dpkg-parsechangelog", "-l", changelog, "-S", "Version",
+                 "-o", str(offset), "-c", "1"]).stdout.strip()
+            for offset in (0, 1)]
+        self.assertEqual(ours, debians + "+perf1")
+        run(["dpkg", "--compare-versions", ours, "gt", debians])
+        entry = run(["dpkg-parsechangelog", "-l", changelog, "-S",
+                     "Changes"]).stdout
+        self.assertIn("debian/patches/cpython-perf.patch", entry)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -1,0 +1,248 @@
+/* Between the files of perf support (Python/perf_*.c); nothing else
+   includes this.  Each file keeps its state in one static struct and
+   offers the others the functions below, named with its prefix:
+
+     perf_trampoline.c      _PyPerfTrampoline_  configuration, the eval-frame
+                            hook and its code-extra cache, the C-stack
+                            guard, on/off, the sys functions
+     perf_arena.c           _PyPerfArena_    executable memory for trampolines
+     perf_files.c           _PyPerfFiles_    the pid, the one lock, safe
+                            opening and appending, reading in chunks
+     perf_map.c             _PyPerfMap_      /tmp/perf-<pid>.map, names, the
+                            PyUnstable_PerfMap* API
+     perf_flusher.c         _PyPerfFlusher_  entries waiting to be written,
+                            the thread that writes them, fork and exit
+     perf_jit_trampoline.c  _PyPerfJit_      /tmp/jit-<pid>.dump (perf_jit)
+     perf_jit_unwind.c      _PyPerfUnwind_   DWARF unwinding tables for it
+
+   "Locked" functions expect the caller to hold the files' lock
+   (_PyPerfFiles_Lock).  Functions returning int return 0, or -1 with
+   errno set, unless they say otherwise. */
+
+#ifndef Py_PERF_INTERNAL_H
+#define Py_PERF_INTERNAL_H
+
+#ifdef PY_HAVE_PERF_TRAMPOLINE
+
+#include "pycore_frame.h"         // _PyInterpreterFrame
+
+#include <pthread.h>
+#include <sys/types.h>            // off_t, pid_t
+
+typedef PyObject *(*py_evaluator)(PyThreadState *, _PyInterpreterFrame *,
+                                  int throwflag);
+typedef PyObject *(*py_trampoline)(PyThreadState *, _PyInterpreterFrame *,
+                                   int throwflag, py_evaluator);
+
+
+/* perf_trampoline.c */
+
+/* In a forked child: its first Python frame gives it its own outputs. */
+extern void _PyPerfTrampoline_AfterFork(void);
+
+
+/* perf_arena.c */
+
+/* The template, from Python/asm_trampoline.S. */
+extern const char _Py_trampoline_func_start[];
+extern const char _Py_trampoline_func_end[];
+
+/* Each trampoline starts on its own 16-byte boundary. */
+#define PERF_TRAMPOLINE_ALIGN 16
+
+/* The arenas' state.  Not static: the hook tests every co_extra pointer
+   against the reservation (_PyPerfArena_IsTrampoline), which must be
+   inline to keep its fast path free of calls. */
+typedef struct {
+    char *region;       /* the reservation, or NULL */
+    size_t region_size;
+    size_t region_used; /* bytes of it carved into arenas (and gaps) */
+    pid_t owner;        /* the process that made the current arena */
+    char *next;         /* next free trampoline */
+    char *end;          /* end of the current arena's trampolines */
+    size_t last_size;   /* size of the current arena */
+} _PyPerfArena_State;
+
+extern _PyPerfArena_State _PyPerfArena;
+
+/* Is p a trampoline of ours?  Only we map anything in the reservation,
+   and trampolines start on PERF_TRAMPOLINE_ALIGN boundaries of the part
+   carved into arenas.  NULL is not one. */
+static inline int
+_PyPerfArena_IsTrampoline(const void *p)
+{
+    uintptr_t offset = (uintptr_t)p - (uintptr_t)_PyPerfArena.region;
+    return offset < _PyPerfArena.region_used
+           && offset % PERF_TRAMPOLINE_ALIGN == 0;
+}
+
+extern size_t _PyPerfArena_TemplateSize(void);
+/* Make sure an arena has room; perf mode does that when it is turned on,
+   so that a failure is reported there. */
+extern int _PyPerfArena_Prepare(void);
+/* The next trampoline, or NULL with errno set. */
+extern py_trampoline _PyPerfArena_Allocate(void);
+
+
+/* perf_files.c */
+
+/* The pid, without a system call (fork handlers keep it). */
+extern pid_t _PyPerfFiles_Pid(void);
+extern void _PyPerfFiles_RefreshPid(void);
+
+/* The one lock of the map, the dump and the flusher's buffers: writers
+   may come without the GIL (the PyUnstable perf-map API).  Lock() also
+   waits for a write the flusher makes without it; Unlock() keeps errno. */
+extern pthread_mutex_t _PyPerfFiles_mutex;
+extern void _PyPerfFiles_Lock(void);
+extern void _PyPerfFiles_Unlock(void);
+
+extern void _PyPerfFiles_CloseKeepingErrno(int fd);
+/* Open one of our files in /tmp for appending, emptied unless keep is
+   set; *size gets its size, *refusal why an existing file was refused
+   (or NULL).  Returns the descriptor or -1. */
+extern int _PyPerfFiles_Open(const char *path, int keep, const char **refusal,
+                             off_t *size);
+/* Append whole entries to fd, whose complete entries end at *size; on
+   failure the file is cut back to *size. */
+extern int _PyPerfFiles_Append(int fd, off_t *size, const char *buf,
+                               size_t len);
+
+typedef int (*perf_lines_handler)(const char *lines, size_t len, void *arg);
+/* handle() the complete lines of fd from offset to size, a chunk at a
+   time.  Locked. */
+extern int _PyPerfFiles_ForEachLineChunk(int fd, off_t offset, off_t size,
+                                         perf_lines_handler handle,
+                                         void *arg);
+/* Raise OSError for a failed operation on one of our files. */
+extern void _PyPerfFiles_SetError(const char *what, const char *path,
+                                  const char *refusal);
+
+
+/* perf_map.c */
+
+/* Longest symbol name written; longer names are cut with "...". */
+#define PERF_MAX_NAME_BYTES 4000
+/* Room for "<addr> <size> ", the name and "\n". */
+#define PERF_MAX_LINE_BYTES (PERF_MAX_NAME_BYTES + 64)
+
+/* Writes a name into a map line, escaped and cut at limit. */
+typedef struct {
+    char *buf;
+    size_t len;
+    size_t limit;       /* room for the name, not counting "...\n" */
+    int truncated;
+} perf_name_writer;
+
+extern void _PyPerfMap_PutAscii(perf_name_writer *w, const Py_UCS1 *s,
+                                Py_ssize_t length);
+extern void _PyPerfMap_PutUnicode(perf_name_writer *w, PyObject *str);
+/* A map line: StartEntry() writes "<addr> <size> " into buf and returns
+   the writer for the name; FinishEntry() ends the line and returns its
+   length; EndName() adds the "..." of a name that was cut. */
+extern perf_name_writer _PyPerfMap_StartEntry(char *buf, const void *addr,
+                                              size_t size);
+extern void _PyPerfMap_EndName(perf_name_writer *w);
+extern size_t _PyPerfMap_FinishEntry(char *buf, perf_name_writer *w);
+
+extern void _PyPerfMap_Path(char *buf, size_t size, pid_t pid);
+/* Raise OSError for the map's last failure. */
+extern void _PyPerfMap_SetError(void);
+/* Is this process's map open?  (After fork() the parent's may be.) */
+extern int _PyPerfMap_IsOpenHere(void);
+/* Is the open map the parent's, in a forked child?  Locked. */
+extern int _PyPerfMap_IsParentsLocked(void);
+/* Make sure this process's map is open.  Locked. */
+extern int _PyPerfMap_ReadyLocked(void);
+extern int _PyPerfMap_AppendLocked(const char *buf, size_t len);
+/* Bytes of complete lines in the map.  Locked. */
+extern off_t _PyPerfMap_SizeLocked(void);
+/* handle() the map's lines from byte `from` on.  Locked. */
+extern int _PyPerfMap_ForEachLineLocked(off_t from, perf_lines_handler handle,
+                                        void *arg);
+/* A forked child: has it still to copy its parent's lines into its map?
+   CopyInherited() copies them and forgets the parent's map.  Locked. */
+extern int _PyPerfMap_HasInheritedLocked(void);
+extern int _PyPerfMap_CopyInheritedLocked(void);
+
+
+/* perf_flusher.c */
+
+/* pthread_once() handler: fork handlers and the exit flush. */
+extern void _PyPerfFlusher_InstallProcessHooks(void);
+/* Wait for the flusher's unlocked write to end.  Locked. */
+extern void _PyPerfFlusher_WaitLocked(void);
+/* Write out everything pending. */
+extern void _PyPerfFlusher_FlushLocked(void);
+extern void _PyPerfFlusher_Flush(void);
+/* Write out what is pending and end the flusher thread. */
+extern void _PyPerfFlusher_Stop(void);
+/* Name a new trampoline for co in the map and, with perf_jit, in the
+   dump.  Returns -1 with an exception set. */
+extern int _PyPerfFlusher_Announce(py_trampoline code, PyCodeObject *co);
+/* Buffer the jitdump records of a trampoline named in the map.  Locked. */
+extern void _PyPerfFlusher_QueueJitdumpLocked(uintptr_t addr,
+                                              const char *name,
+                                              size_t name_len);
+/* A forked child's first Python frame: it gets its own map and dump with
+   its parent's lines, soon (see perf_flusher.c). */
+extern void _PyPerfFlusher_ScheduleAdoption(void);
+/* The errnos of deferred writes that failed and were not reported yet
+   (0 if none), forgotten. */
+extern void _PyPerfFlusher_TakeErrors(int *map_error, int *jitdump_error);
+
+
+/* perf_jit_trampoline.c */
+
+/* The records' sizes (checked there), for buffer sizes here. */
+#define PERF_JITDUMP_UNWINDING_BYTES 40
+#define PERF_JITDUMP_CODE_LOAD_BYTES 56
+/* perf_jit_unwind.c's tables, at most. */
+#define PERF_UNWIND_TABLES_BYTES 192
+/* The most one trampoline's records take. */
+#define PERF_MAX_JITDUMP_BYTES (PERF_JITDUMP_UNWINDING_BYTES \
+                                + PERF_UNWIND_TABLES_BYTES + 8 \
+                                + PERF_JITDUMP_CODE_LOAD_BYTES \
+                                + PERF_MAX_LINE_BYTES)
+
+/* perf_jit is the backend. */
+extern int _PyPerfJit_IsWanted(void);
+/* Switch the dump on or off with the backend; -1 with an exception set
+   if it cannot be opened. */
+extern int _PyPerfJit_SetWanted(int wanted);
+extern int _PyPerfJit_IsOpenHere(void);
+/* Make sure this process's dump is open and has every trampoline the
+   map lists.  Locked. */
+extern int _PyPerfJit_ReadyLocked(void);
+extern int _PyPerfJit_AppendLocked(const char *buf, size_t len);
+/* The dump misses records: close it, and start a new one next time. */
+extern void _PyPerfJit_AbandonLocked(void);
+/* Queue the records of the trampolines of the map's lines from byte
+   `from` on.  Locked. */
+extern int _PyPerfJit_AddMapLinesLocked(off_t from);
+/* Encode one trampoline's records into buf (PERF_MAX_JITDUMP_BYTES);
+   returns their length.  Locked, or the flusher while it writes. */
+extern size_t _PyPerfJit_Encode(char *buf, uintptr_t addr, const char *name,
+                                size_t name_len, uint64_t timestamp);
+/* The clock of the records (perf record -k 1). */
+extern uint64_t _PyPerfJit_Now(void);
+extern void _PyPerfJit_Path(char *buf, size_t size, pid_t pid);
+extern void _PyPerfJit_SetError(void);
+
+
+/* perf_jit_unwind.c */
+
+/* .eh_frame (a CIE, one FDE, a terminator) then .eh_frame_hdr for the
+   template; the same bytes serve every trampoline. */
+typedef struct {
+    unsigned char data[PERF_UNWIND_TABLES_BYTES];
+    size_t size;
+    size_t hdr_size;
+} perf_unwind_tables;
+
+/* The tables, built on first use; NULL with errno set if the template is
+   not the one they describe. */
+extern const perf_unwind_tables *_PyPerfUnwind_Tables(void);
+
+#endif  /* PY_HAVE_PERF_TRAMPOLINE */
+#endif  /* !Py_PERF_INTERNAL_H */

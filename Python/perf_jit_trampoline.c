@@ -1,0 +1,351 @@
+/* The perf_jit backend: /tmp/jit-<pid>.dump, in the jitdump format that
+   `perf inject --jit` reads (Linux's tools/perf/util/jitdump.h).  For
+   every trampoline it holds the code, the name and DWARF call frame
+   information, from which perf inject makes a small ELF file per
+   trampoline; perf's DWARF unwinder (--call-graph dwarf) then steps
+   through trampolines in builds without frame pointers.  The perf map is
+   kept as well: it lists every trampoline, so a switch to perf_jit and a
+   fork() fill a new dump from it. */
+
+#include "Python.h"
+
+#ifdef PY_HAVE_PERF_TRAMPOLINE
+
+#include "perf_internal.h"
+
+#include <errno.h>
+#include <stdio.h>                // snprintf()
+#include <sys/mman.h>             // mmap()
+#include <time.h>                 // clock_gettime()
+#include <unistd.h>               // close(), sysconf()
+
+#define JITDUMP_MAGIC 0x4A695444        /* "JiTD" */
+#define JITDUMP_VERSION 1
+#define JIT_CODE_LOAD 0
+#define JIT_CODE_UNWINDING_INFO 4
+
+#if defined(__x86_64__)
+#  define JITDUMP_ELF_MACHINE 62        /* EM_X86_64 */
+#elif defined(__aarch64__)
+#  define JITDUMP_ELF_MACHINE 183       /* EM_AARCH64 */
+#endif
+
+typedef struct {
+    uint32_t magic;
+    uint32_t version;
+    uint32_t total_size;
+    uint32_t elf_mach;
+    uint32_t pad1;
+    uint32_t pid;
+    uint64_t timestamp;
+    uint64_t flags;
+} jitdump_header;
+
+typedef struct {
+    uint32_t id;
+    uint32_t total_size;
+    uint64_t timestamp;
+} jitdump_prefix;
+
+/* Followed by the name, NUL-terminated, and the code. */
+typedef struct {
+    jitdump_prefix prefix;
+    uint32_t pid;
+    uint32_t tid;
+    uint64_t vma;
+    uint64_t code_addr;
+    uint64_t code_size;
+    uint64_t code_index;
+} jitdump_code_load;
+
+/* Followed by .eh_frame and .eh_frame_hdr; it describes the next
+   code load. */
+typedef struct {
+    jitdump_prefix prefix;
+    uint64_t unwinding_size;
+    uint64_t eh_frame_hdr_size;
+    uint64_t mapped_size;
+} jitdump_unwinding;
+
+/* All fields are guarded by the files' lock. */
+static struct {
+    int fd;                 /* -1 while no dump is open */
+    pid_t owner;            /* the process that created the file */
+    off_t size;             /* bytes of complete records in the file */
+    void *marker;           /* the executable mapping perf records */
+    size_t marker_size;
+    uint64_t next_index;    /* names perf inject's jitted-<pid>-<n>.so */
+    const char *refusal;
+    int wanted;             /* perf_jit is the backend */
+    off_t map_done;         /* the map's bytes whose trampolines it has */
+    const perf_unwind_tables *unwind;   /* set when a dump is opened */
+} jitdump = {.fd = -1};
+
+void
+_PyPerfJit_Path(char *buf, size_t size, pid_t pid)
+{
+    snprintf(buf, size, "/tmp/jit-%ld.dump", (long)pid);
+}
+
+void
+_PyPerfJit_SetError(void)
+{
+    char path[64];
+    _PyPerfJit_Path(path, sizeof(path), _PyPerfFiles_Pid());
+    _PyPerfFiles_SetError("jitdump file", path, jitdump.refusal);
+}
+
+uint64_t
+_PyPerfJit_Now(void)
+{
+    /* perf record -k 1 stamps samples with this clock. */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000 + (uint64_t)ts.tv_nsec;
+}
+
+/* Is this process's dump open?  (After fork() the parent's may be.) */
+int
+_PyPerfJit_IsOpenHere(void)
+{
+    return jitdump.fd >= 0 && jitdump.owner == _PyPerfFiles_Pid();
+}
+
+/* As _PyPerfMap_AppendLocked(), for the jitdump. */
+int
+_PyPerfJit_AppendLocked(const char *buf, size_t len)
+{
+    return _PyPerfFiles_Append(jitdump.fd, &jitdump.size, buf, len);
+}
+
+static void
+jitdump_close_locked(void)
+{
+    _PyPerfFlusher_FlushLocked();
+    if (_PyPerfJit_IsOpenHere() && _PyPerfMap_IsOpenHere()) {
+        /* Every trampoline the map lists is in the dump now: opened again
+           (perf_jit switched back on), it needs only the later ones. */
+        jitdump.map_done = _PyPerfMap_SizeLocked();
+    }
+    if (jitdump.marker != NULL) {
+        munmap(jitdump.marker, jitdump.marker_size);
+        jitdump.marker = NULL;
+    }
+    if (jitdump.fd >= 0) {
+        close(jitdump.fd);
+        jitdump.fd = -1;
+    }
+}
+
+/* Open this process's dump (emptied unless this process wrote it
+   before), write the header if it is new, and map it executable: that
+   mapping is how perf record learns of the file.  Caller holds the
+   lock. */
+static int
+jitdump_open_locked(void)
+{
+    char path[64];
+    pid_t pid = _PyPerfFiles_Pid();
+    jitdump.unwind = _PyPerfUnwind_Tables();
+    if (jitdump.unwind == NULL) {
+        return -1;
+    }
+    _PyPerfJit_Path(path, sizeof(path), pid);
+    int fd = _PyPerfFiles_Open(path, jitdump.owner == pid, &jitdump.refusal,
+                               &jitdump.size);
+    if (fd < 0) {
+        return -1;
+    }
+    jitdump.fd = fd;
+    jitdump.owner = pid;
+    if (jitdump.size == 0) {
+        jitdump.map_done = 0;
+        jitdump_header header = {
+            .magic = JITDUMP_MAGIC,
+            .version = JITDUMP_VERSION,
+            .total_size = sizeof(jitdump_header),
+            .elf_mach = JITDUMP_ELF_MACHINE,
+            .pid = (uint32_t)pid,
+            .timestamp = _PyPerfJit_Now(),
+        };
+        if (_PyPerfJit_AppendLocked((const char *)&header,
+                                    sizeof(header)) < 0) {
+            jitdump_close_locked();
+            return -1;
+        }
+    }
+    jitdump.marker_size = (size_t)sysconf(_SC_PAGESIZE);
+    jitdump.marker = mmap(NULL, jitdump.marker_size, PROT_READ | PROT_EXEC,
+                          MAP_PRIVATE, fd, 0);
+    if (jitdump.marker == MAP_FAILED) {
+        jitdump.marker = NULL;
+        jitdump.refusal = "cannot be mapped executable (is /tmp noexec?)";
+        jitdump_close_locked();
+        return -1;
+    }
+    return 0;
+}
+
+/* Encode the records for one trampoline into buf (PERF_MAX_JITDUMP_BYTES):
+   its unwinding tables, then its code load, both stamped with the time
+   the trampoline was made.  Returns their length.  Called with the lock,
+   or by the flusher while it writes (pending.writing). */
+size_t
+_PyPerfJit_Encode(char *buf, uintptr_t addr, const char *name,
+                  size_t name_len, uint64_t timestamp)
+{
+    Py_BUILD_ASSERT(sizeof(jitdump_unwinding)
+                    == PERF_JITDUMP_UNWINDING_BYTES);
+    Py_BUILD_ASSERT(sizeof(jitdump_code_load)
+                    == PERF_JITDUMP_CODE_LOAD_BYTES);
+    const perf_unwind_tables *tables = jitdump.unwind;
+    size_t code_size = _PyPerfArena_TemplateSize();
+    size_t unwinding_len = (sizeof(jitdump_unwinding) + tables->size
+                            + 7) & ~(size_t)7;
+    jitdump_unwinding unwinding = {
+        .prefix = {JIT_CODE_UNWINDING_INFO, (uint32_t)unwinding_len,
+                   timestamp},
+        .unwinding_size = tables->size,
+        .eh_frame_hdr_size = tables->hdr_size,
+        .mapped_size = tables->size,
+    };
+    memset(buf, 0, unwinding_len);
+    memcpy(buf, &unwinding, sizeof(unwinding));
+    memcpy(buf + sizeof(unwinding), tables->data, tables->size);
+
+    size_t load_len = sizeof(jitdump_code_load) + name_len + 1 + code_size;
+    jitdump_code_load load = {
+        .prefix = {JIT_CODE_LOAD, (uint32_t)load_len, timestamp},
+        .pid = (uint32_t)_PyPerfFiles_Pid(),
+        /* The mapping belongs to the whole process; naming the main
+           thread spares a gettid() per record. */
+        .tid = (uint32_t)_PyPerfFiles_Pid(),
+        .vma = addr,
+        .code_addr = addr,
+        .code_size = code_size,
+        .code_index = jitdump.next_index++,
+    };
+    char *p = buf + unwinding_len;
+    memcpy(p, &load, sizeof(load));
+    p += sizeof(load);
+    memcpy(p, name, name_len);
+    p[name_len] = '\0';
+    p += name_len + 1;
+    /* The trampoline holds a copy of the template. */
+    memcpy(p, _Py_trampoline_func_start, code_size);
+    return unwinding_len + load_len;
+}
+
+/* The address and name of a map line of ours ("<addr> <size> py::..."),
+   or 0 for a line of someone else's (the PyUnstable API's users). */
+static uintptr_t
+parse_own_line(const char *line, size_t len, const char **name,
+               size_t *name_len)
+{
+    char *end;
+    uintptr_t addr = (uintptr_t)strtoull(line, &end, 16);
+    if (*end != ' ') {
+        return 0;
+    }
+    unsigned long long size = strtoull(end + 1, &end, 16);
+    if (*end != ' ' || strncmp(end + 1, "py::", 4) != 0
+        || size != _PyPerfArena_TemplateSize()
+        || !_PyPerfArena_IsTrampoline((void *)addr))
+    {
+        return 0;
+    }
+    *name = end + 1;
+    *name_len = (size_t)(line + len - *name);
+    return addr;
+}
+
+static int
+add_map_lines_to_jitdump(const char *lines, size_t len, void *Py_UNUSED(arg))
+{
+    const char *end = lines + len;
+    while (lines < end) {
+        const char *newline = memchr(lines, '\n', (size_t)(end - lines));
+        const char *name;
+        size_t name_len;
+        uintptr_t addr = parse_own_line(lines, (size_t)(newline - lines),
+                                        &name, &name_len);
+        if (addr != 0) {
+            _PyPerfFlusher_QueueJitdumpLocked(addr, name, name_len);
+        }
+        lines = newline + 1;
+    }
+    return 0;
+}
+
+int
+_PyPerfJit_AddMapLinesLocked(off_t from)
+{
+    return _PyPerfMap_ForEachLineLocked(from, add_map_lines_to_jitdump, NULL);
+}
+
+/* Make sure this process's dump is open.  It gets the trampolines of ours
+   that the map lists and it does not have yet: all of them for a new dump
+   (perf_jit turned on, or a fork; inherited ones included), those made
+   since it was closed for one opened again.  Caller holds the lock. */
+int
+_PyPerfJit_ReadyLocked(void)
+{
+    if (_PyPerfJit_IsOpenHere()) {
+        return 0;
+    }
+    jitdump_close_locked();     /* a parent's (it waits for the flusher) */
+    _PyPerfFlusher_FlushLocked();
+    if (_PyPerfMap_ReadyLocked() < 0) {
+        return -1;
+    }
+    if (jitdump_open_locked() < 0) {
+        return -1;
+    }
+    if (_PyPerfJit_AddMapLinesLocked(jitdump.map_done) < 0) {
+        return -1;
+    }
+    jitdump.map_done = _PyPerfMap_SizeLocked();
+    return 0;
+}
+
+int
+_PyPerfJit_IsWanted(void)
+{
+    return jitdump.wanted;
+}
+
+/* The dump misses records now: a later perf_jit starts a new one rather
+   than add to this. */
+void
+_PyPerfJit_AbandonLocked(void)
+{
+    jitdump_close_locked();
+    jitdump.owner = 0;
+}
+
+/* Switch the dump on or off with the backend.  Returns -1 with an
+   exception set if it cannot be opened. */
+int
+_PyPerfJit_SetWanted(int wanted)
+{
+    _PyPerfFiles_Lock();
+    int res = 0;
+    jitdump.wanted = wanted;
+    if (wanted) {
+        res = _PyPerfJit_ReadyLocked();
+        if (res < 0) {
+            jitdump.wanted = 0;
+            jitdump_close_locked();
+        }
+    }
+    else {
+        jitdump_close_locked();
+    }
+    _PyPerfFiles_Unlock();
+    if (res < 0) {
+        _PyPerfJit_SetError();
+    }
+    return res;
+}
+
+#endif  /* PY_HAVE_PERF_TRAMPOLINE */

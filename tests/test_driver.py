@@ -46,8 +46,23 @@ class SeriesTests(unittest.TestCase):
         for name in series():
             with open(os.path.join(ROOT, "patches", name)) as f:
                 header = f.read().split("\n---\n", 1)[0]
-            self.assertRegex(header, r"(?m)^Description: \S")
-            self.assertRegex(header, r"(?m)^Forwarded: not-needed$")
+            with self.subTest(patch=name):
+                self.assertRegex(header, r"(?m)^Description: \S")
+                self.assertRegex(header, r"(?m)^Author: \S")
+                self.assertRegex(header, r"(?m)^Origin: vendor$")
+                self.assertRegex(header, r"(?m)^Bug: https://github\.com/"
+                                 r"python/cpython/issues/96143$")
+                self.assertRegex(header, r"(?m)^Forwarded: not-needed$")
+                self.assertRegex(header,
+                                 r"(?m)^Last-Update: \d{4}-\d\d-\d\d$")
+                # Only where 3.12 has the same change.
+                applied = re.findall(r"(?m)^Applied-Upstream: (.*)$", header)
+                self.assertIn(applied, ([], ["3.12"]))
+
+    def test_series_is_in_numbered_order(self):
+        names = series()
+        self.assertEqual(names, sorted(names))
+        self.assertEqual(len({name[:4] for name in names}), len(names))
 
     def test_dist_patch_applies_to_pristine_tree(self):
         proc = driver("dist")

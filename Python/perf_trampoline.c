@@ -14,6 +14,7 @@
    state here is process-wide and protected by the GIL. */
 
 #include "Python.h"
+#include "pycore_code.h"          // _PyCodeObjectExtra
 #include "pycore_frame.h"         // _PyInterpreterFrame
 #include "pycore_initconfig.h"    // _Py_GetEnv()
 #include "pycore_interp.h"        // PyInterpreterState.co_extra_freefuncs
@@ -117,37 +118,33 @@ find_code_extra_index(PyInterpreterState *interp)
     return -1;
 }
 
-/* The hook's fast path reads co_extra directly, in the layout that
-   Objects/codeobject.c keeps private; every trampoline stored through
-   _PyCode_SetExtra() is read back this way too, and the first mismatch
-   turns the fast path off for good. */
-typedef struct {
-    Py_ssize_t ce_size;
-    void *ce_extras[1];
-} code_extra_block;
-
 static struct {
-    PyInterpreterState *interp;  /* NULL: fast path off */
-    Py_ssize_t index;            /* our co_extra index in interp */
-    int layout_broken;
-} fast;
+    /* The hook's fast path serves one interpreter: the last one whose
+       frame took the slow path.  NULL: none. */
+    PyInterpreterState *fast_interp;
+    Py_ssize_t fast_index;      /* our co_extra index in fast_interp */
+    /* Set once a failure has turned perf mode off with a warning: lines
+       still buffered then may fail to be written too, and one warning is
+       enough. */
+    int failure_reported;
+    int adoption_pending;       /* a forked child without its own map */
+} hook;
 
-/* Point the fast path at interp, unless the layout check failed. */
 static void
 set_fast_path(PyInterpreterState *interp, Py_ssize_t index)
 {
-    if (!fast.layout_broken) {
-        fast.interp = interp;
-        fast.index = index;
-    }
+    hook.fast_interp = interp;
+    hook.fast_index = index;
 }
 
 /* What co's slot index holds, or NULL.  Not necessarily a trampoline: it
-   may be another tool's data (see _PyPerfArena_IsTrampoline). */
+   may be another tool's data (see _PyPerfArena_IsTrampoline).  Read
+   directly (patch 0013 shares the block's layout), as the hook cannot
+   afford _PyCode_GetExtra()'s call and checks. */
 static inline void *
 read_code_extra(PyCodeObject *co, Py_ssize_t index)
 {
-    code_extra_block *extra = (code_extra_block *)co->co_extra;
+    _PyCodeObjectExtra *extra = (_PyCodeObjectExtra *)co->co_extra;
     if (extra == NULL || index >= extra->ce_size) {
         return NULL;
     }
@@ -179,7 +176,7 @@ code_extra_index_for(PyCodeObject *co, PyInterpreterState *interp,
 
 /* Our co_extra index in interp, requested if needed; -1 with an exception
    set on failure.  activate() calls this before the hook runs in an
-   interpreter, so fast.interp never pairs an interpreter with another's
+   interpreter, so hook.fast_interp never pairs an interpreter with another's
    index, even when a new interpreter reuses a freed one's address. */
 static Py_ssize_t
 use_code_extra_index(PyInterpreterState *interp)
@@ -197,22 +194,6 @@ use_code_extra_index(PyInterpreterState *interp)
     return index;
 }
 
-/* _PyCode_SetExtra() sizes a new block for every index requested so far,
-   and code_dealloc() calls the free function of every index in the block,
-   also for empty slots.  Perf mode gives nearly every code object a
-   block, so other users' free functions would run for code objects they
-   never touched (test_code's, a Python function, crashed at
-   finalization).  A block we create holds no slot past ours; a later
-   _PyCode_SetExtra() for a higher index grows it again. */
-static void
-trim_code_extra(PyCodeObject *co, Py_ssize_t index)
-{
-    code_extra_block *extra = (code_extra_block *)co->co_extra;
-    if (extra->ce_size > index + 1) {
-        extra->ce_size = index + 1;
-    }
-}
-
 /* Give a code object its trampoline.  Returns NULL with an exception. */
 static py_trampoline
 compile_trampoline(PyCodeObject *co, Py_ssize_t index)
@@ -225,26 +206,14 @@ compile_trampoline(PyCodeObject *co, Py_ssize_t index)
     if (_PyPerfFlusher_Announce(code, co) < 0) {
         return NULL;
     }
-    int new_block = (co->co_extra == NULL);
     if (_PyCode_SetExtra((PyObject *)co, index, (void *)code) < 0) {
         return NULL;
-    }
-    if (read_code_extra(co, index) != (void *)code) {
-        fast.layout_broken = 1;
-        fast.interp = NULL;
-    }
-    else if (new_block) {
-        trim_code_extra(co, index);
     }
     return code;
 }
 
 static PyObject *py_trampoline_evaluator(PyThreadState *,
                                          _PyInterpreterFrame *, int);
-
-/* Set once a failure has turned perf mode off with a warning: lines still
-   buffered then may fail to be written too, and one warning is enough. */
-static int failure_reported;
 
 /* A trampoline could not be made while running: turn perf mode off in this
    interpreter with one warning and carry on with the default evaluator. */
@@ -258,7 +227,7 @@ disable_after_failure(PyThreadState *tstate)
     fprintf(stderr, "python: perf support disabled: %s\n",
             text ? text : "cannot create a trampoline");
     fflush(stderr);
-    failure_reported = 1;
+    hook.failure_reported = 1;
     PyErr_Clear();
     Py_XDECREF(msg);
     Py_XDECREF(type);
@@ -312,17 +281,19 @@ find_or_make_trampoline(PyThreadState *tstate, PyCodeObject *co)
    trampoline and an evaluator), where stock 3.11 runs Python-to-Python
    calls inline, so deep recursion that stock survives could overflow the
    C stack.  The hook raises RecursionError instead when less than
-   STACK_RESERVE bytes are left.  stack_limit starts at UINTPTR_MAX, so a
+   STACK_RESERVE bytes are left.  stack.limit starts at UINTPTR_MAX, so a
    thread's first frame takes the slow path, which finds the limit.
 
-   Only the thread's own stack, from stack_low up, is judged: code
+   Only the thread's own stack, from stack.low up, is judged: code
    may run on stacks the guard knows nothing of (fibers made with
    makecontext(), C coroutine libraries), and there it runs as on stock. */
 #define STACK_RESERVE (256 * 1024)
 
-static __thread uintptr_t stack_limit = UINTPTR_MAX;
-static __thread uintptr_t stack_low;
-static __thread int stack_limit_is_exact;
+static __thread struct {
+    uintptr_t limit;
+    uintptr_t low;
+    int limit_is_exact;
+} stack = {UINTPTR_MAX, 0, 0};
 
 /* Where this function's stack is: the stack pointer itself where it can
    be read in one instruction, so that the hook needs no frame of its own. */
@@ -348,16 +319,16 @@ find_exact_stack_limit(void)
     pthread_attr_t attr;
     void *base;
     size_t size;
-    stack_limit = 0;
-    stack_low = 0;
-    stack_limit_is_exact = 1;
+    stack.limit = 0;
+    stack.low = 0;
+    stack.limit_is_exact = 1;
     if (pthread_getattr_np(pthread_self(), &attr) != 0) {
         return;
     }
     if (pthread_attr_getstack(&attr, &base, &size) == 0) {
         size_t reserve = size / 4 < STACK_RESERVE ? size / 4 : STACK_RESERVE;
-        stack_low = (uintptr_t)base;
-        stack_limit = stack_low + reserve;
+        stack.low = (uintptr_t)base;
+        stack.limit = stack.low + reserve;
     }
     pthread_attr_destroy(&attr);
 }
@@ -390,8 +361,8 @@ find_stack_limit(uintptr_t sp)
     if (getrlimit(RLIMIT_STACK, &limit) == 0
         && on_initial_stack(sp, &limit))
     {
-        stack_limit = sp - (uintptr_t)limit.rlim_cur / 8;
-        stack_limit_is_exact = 0;
+        stack.limit = sp - (uintptr_t)limit.rlim_cur / 8;
+        stack.limit_is_exact = 0;
         return;
     }
     find_exact_stack_limit();
@@ -402,25 +373,22 @@ static int
 c_stack_nearly_full(void)
 {
     uintptr_t sp = current_stack_address();
-    if (stack_limit == UINTPTR_MAX) {
+    if (stack.limit == UINTPTR_MAX) {
         find_stack_limit(sp);
     }
-    if (sp <= stack_limit && !stack_limit_is_exact) {
+    if (sp <= stack.limit && !stack.limit_is_exact) {
         find_exact_stack_limit();
     }
-    return sp <= stack_limit && sp >= stack_low;
+    return sp <= stack.limit && sp >= stack.low;
 }
-
-/* Set in a forked child until it has its own map (and dump). */
-static int adoption_pending;
 
 /* In a forked child (perf_flusher.c's fork handler): send the next frame
    down the slow path, which gives the child its own outputs. */
 void
 _PyPerfTrampoline_AfterFork(void)
 {
-    fast.interp = NULL;
-    adoption_pending = 1;
+    hook.fast_interp = NULL;
+    hook.adoption_pending = 1;
 }
 
 /* Evaluate a frame that the fast path could not serve.  The hook may
@@ -436,8 +404,8 @@ evaluate_slow(PyThreadState *tstate, _PyInterpreterFrame *frame,
                         "Python frame)");
         return NULL;
     }
-    if (adoption_pending) {
-        adoption_pending = 0;
+    if (hook.adoption_pending) {
+        hook.adoption_pending = 0;
         _PyPerfFlusher_ScheduleAdoption();
     }
     py_trampoline code = find_or_make_trampoline(tstate, frame->f_code);
@@ -454,10 +422,10 @@ static PyObject *
 py_trampoline_evaluator(PyThreadState *tstate, _PyInterpreterFrame *frame,
                         int throwflag)
 {
-    if (tstate->interp == fast.interp
-        && current_stack_address() > stack_limit)
+    if (tstate->interp == hook.fast_interp
+        && current_stack_address() > stack.limit)
     {
-        void *code = read_code_extra(frame->f_code, fast.index);
+        void *code = read_code_extra(frame->f_code, hook.fast_index);
         if (_PyPerfArena_IsTrampoline(code)) {
             return ((py_trampoline)code)(tstate, frame, throwflag,
                                          _PyEval_EvalFrameDefault);
@@ -572,7 +540,7 @@ warn_if_lines_lost(void)
 {
     int map_err, jitdump_err;
     _PyPerfFlusher_TakeErrors(&map_err, &jitdump_err);
-    if (failure_reported || (map_err == 0 && jitdump_err == 0)) {
+    if (hook.failure_reported || (map_err == 0 && jitdump_err == 0)) {
         return;
     }
     char path[64];
@@ -593,7 +561,7 @@ _PyPerfTrampoline_Fini(void)
     if (tstate != NULL) {
         deactivate(tstate->interp);
     }
-    fast.interp = NULL;
+    hook.fast_interp = NULL;
     (void)_PyPerfJit_SetWanted(0);
     PyUnstable_PerfMapState_Fini();
     warn_if_lines_lost();

@@ -3,6 +3,10 @@
 import os
 import subprocess
 
+# The stdlib test's helpers, so that every test cleans the environment and
+# reads maps the same way.
+from test.test_perf_profiler import clean_env, read_map_entries  # noqa: F401
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build")
 PATCHED = {"src": os.path.join(BUILD, "src"), "obj": os.path.join(BUILD, "obj")}
@@ -28,14 +32,6 @@ def include_flags(tree, internal=False):
     if internal:
         flags.append("-I" + os.path.join(tree["src"], "Include", "internal"))
     return flags
-
-
-def clean_env(**extra):
-    """This environment without the caller's PYTHON* settings (this machine
-    sets PYTHONUNBUFFERED, for one), plus extra."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(extra)
-    return env
 
 
 def driver(*args, env=None):

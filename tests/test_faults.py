@@ -14,11 +14,10 @@ import re
 import tempfile
 import unittest
 
-from support import PATCHED, ROOT, clean_env, python, run
+from support import PATCHED, ROOT, clean_env, python, read_map_entries, run
 from test.test_perf_profiler import read_jitdump
 
 SHIM_SOURCE = os.path.join(ROOT, "tests", "faults", "faultshim.c")
-MAP_LINE = re.compile(rb"[0-9a-f]+ [0-9a-f]+ py::\S.*")
 FUNCTIONS = 10_000     # more trampolines than the first 64 KiB arena holds
 WORK = f"""
 import os, sys
@@ -63,24 +62,20 @@ class FaultTests(unittest.TestCase):
         return pid, proc.stdout, warnings
 
     def run_faulty(self, faults, args=("-X", "perf"), script=WORK):
-        """Run script under the shim; return (stdout, warnings, map lines)
+        """Run script under the shim; return (stdout, warnings, map names)
         after checking the exit status and the map's format."""
         pid, out, warnings = self.run_under_shim(faults, args, script)
-        return out, warnings, self.map_lines(pid)
+        return out, warnings, self.map_names(pid)
 
-    def map_lines(self, pid):
-        path = f"/tmp/perf-{pid}.map"
-        if not os.path.exists(path):
+    def map_names(self, pid):
+        """The names in the process's map ([] if it has none), which is
+        removed; every line must be a whole entry for a Python function."""
+        if not os.path.exists(f"/tmp/perf-{pid}.map"):
             return []
-        with open(path, "rb") as f:
-            data = f.read()
-        os.unlink(path)
-        self.assertTrue(data == b"" or data.endswith(b"\n"),
-                        "the map ends in a partial line")
-        lines = data.splitlines()
-        bad = [line for line in lines if not MAP_LINE.fullmatch(line)]
-        self.assertEqual(bad, [])
-        return lines
+        names = [entry.name for entry in read_map_entries(pid, remove=True)]
+        self.assertEqual([name for name in names
+                          if not name.startswith("py::")], [])
+        return names
 
     def assert_one_warning(self, warnings, reason):
         self.assertEqual(len(warnings), 1, warnings)
@@ -156,7 +151,7 @@ class FaultTests(unittest.TestCase):
         no dump, after checking that it holds whole records only."""
         pid, out, warnings = self.run_under_shim(
             {"FAULT_FILE": "jitdump", **faults}, ("-X", "perf_jit"), WORK)
-        self.map_lines(pid)     # checks and removes the map
+        self.map_names(pid)     # checks and removes the map
         return out, warnings, self.jitdump_loads(pid)
 
     def jitdump_loads(self, pid):
@@ -202,11 +197,11 @@ with open(f"/tmp/perf-{os.getpid()}.map", "rb") as f:
             with self.subTest(backend=backend):
                 pid, out, warnings = self.run_under_shim(
                     {"FAULT_THREAD": errno.EAGAIN}, ("-X", backend), script)
-                lines = self.map_lines(pid)
+                lines = self.map_names(pid)
                 self.assertEqual(out, f"{EXPECTED}{FUNCTIONS}\n")
                 self.assertEqual(warnings, [])
-                self.assertEqual(sum(b" py::f" in line for line in lines),
-                                 FUNCTIONS)
+                self.assertEqual(sum(name.startswith("py::f")
+                                     for name in lines), FUNCTIONS)
                 if backend == "perf_jit":
                     loads = self.jitdump_loads(pid)
                     self.assertEqual(sum(load["name"].startswith("py::f")

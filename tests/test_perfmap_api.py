@@ -2,37 +2,24 @@
 the patched headers (tests/perfmap/perfmap_ext.c)."""
 
 import os
-import re
 import shutil
 import sysconfig
 import tempfile
 import textwrap
 import unittest
 
-from support import PATCHED, ROOT, clean_env, include_flags, python, run
+from support import (PATCHED, ROOT, clean_env, include_flags, python,
+                     read_map_entries, run)
 
 API = ["PyUnstable_PerfMapState_Init", "PyUnstable_WritePerfMapEntry",
        "PyUnstable_PerfMapState_Fini", "PyUnstable_CopyPerfMapFile",
        "PyUnstable_PerfTrampoline_CompileCode",
        "PyUnstable_PerfTrampoline_SetPersistAfterFork"]
-MAP_LINE = re.compile(rb"([0-9a-f]+) ([0-9a-f]+) (\S.*)")
-
-
 def read_map(pid):
-    """{name: [(addr, size), ...]} of a map whose every line must be whole,
-    well-formed and valid UTF-8."""
-    path = f"/tmp/perf-{pid}.map"
-    with open(path, "rb") as f:
-        data = f.read()
-    os.unlink(path)
-    assert data.endswith(b"\n"), "partial last line"
+    """{name: [(addr, size), ...]} of pid's map, which is removed."""
     entries = {}
-    for line in data.splitlines():
-        match = MAP_LINE.fullmatch(line)
-        assert match, f"malformed line {line!r}"
-        name = match.group(3).decode("utf-8")
-        entries.setdefault(name, []).append(
-            (int(match.group(1), 16), int(match.group(2), 16)))
+    for entry in read_map_entries(pid, remove=True):
+        entries.setdefault(entry.name, []).append((entry.addr, entry.size))
     return entries
 
 

@@ -15,6 +15,7 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
+import typing
 import unittest
 
 from test.support import os_helper
@@ -22,7 +23,7 @@ from test.support import os_helper
 if not sysconfig.get_config_var("PY_HAVE_PERF_TRAMPOLINE"):
     raise unittest.SkipTest("perf trampoline support is not built")
 
-MAP_LINE = re.compile(r"[0-9a-f]+ [0-9a-f]+ (\S.*)")
+MAP_LINE = re.compile(rb"([0-9a-f]+) ([0-9a-f]+) (\S.*)")
 
 def perf_max_stack():
     """The deepest stack perf records (kernel.perf_event_max_stack)."""
@@ -45,21 +46,36 @@ def map_path(pid):
     return f"/tmp/perf-{pid}.map"
 
 
-def read_map(pid):
-    """The map of process pid as a list of symbol names; every line must
-    be a complete, well-formed entry."""
-    with open(map_path(pid), "rb") as f:
+class MapEntry(typing.NamedTuple):
+    addr: int
+    size: int
+    name: str
+
+
+def read_map_entries(pid, *, remove=False):
+    """The entries of process pid's map, in order (the file is removed
+    afterwards if remove is set).  Every line must be a complete,
+    well-formed entry in valid UTF-8.  (tests/ reads maps with this too.)"""
+    path = map_path(pid)
+    with open(path, "rb") as f:
         data = f.read()
+    if remove:
+        os.unlink(path)
     if data and not data.endswith(b"\n"):
-        raise AssertionError(f"map of {pid} ends in a partial line")
-    names = []
+        raise AssertionError(f"{path} ends in a partial line")
+    entries = []
     for raw in data.splitlines():
-        line = raw.decode("utf-8")  # must be valid UTF-8
-        match = MAP_LINE.fullmatch(line)
+        match = MAP_LINE.fullmatch(raw)
         if match is None:
-            raise AssertionError(f"malformed map line {line!r}")
-        names.append(match.group(1))
-    return names
+            raise AssertionError(f"{path}: malformed line {raw!r}")
+        entries.append(MapEntry(int(match[1], 16), int(match[2], 16),
+                                match[3].decode("utf-8")))
+    return entries
+
+
+def read_map(pid):
+    """The symbol names in process pid's map (see read_map_entries)."""
+    return [entry.name for entry in read_map_entries(pid)]
 
 
 def remove_map(pid):
@@ -77,6 +93,9 @@ def run_python(*args, env=None, script=None):
 
 
 def clean_env(**extra):
+    """This environment without the caller's PYTHON* settings (a machine
+    may set PYTHONUNBUFFERED, for one), plus extra.  (tests/ uses this
+    too.)"""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PYTHON")}
     env.update(extra)

@@ -25,7 +25,7 @@ FP_CFLAGS="-fno-omit-frame-pointer -mno-omit-leaf-frame-pointer"
 JOBS=$(nproc)
 
 REQUIRED_PACKAGES="autoconf pkg-config build-essential
-    libffi-dev zlib1g-dev libssl-dev linux-perf rsync valgrind
+    libffi-dev zlib1g-dev libssl-dev linux-perf rsync util-linux valgrind
     python3-sphinx"
 OPTIONAL_PACKAGES="libbz2-dev liblzma-dev libsqlite3-dev libreadline-dev
     libgdbm-dev libgdbm-compat-dev uuid-dev libncurses-dev"
@@ -261,12 +261,22 @@ tree_stamp() {
     } | sha256sum | cut -d' ' -f1
 }
 
+# build/src for every build that uses it (patched, nofp, debug, asan,
+# cross).  make -j test runs several at once: one prepares, the others
+# wait for it (flock), then find build/src up to date.
 cmd_prepare() {
-    local stamp
     upstream_source
-    local src=$SRC
     STEP=patch
     mkdir -p "$LOGS"
+    local lock
+    exec {lock}>"$BUILD/.prepare.lock"
+    flock "$lock"
+    prepare_locked "$SRC"
+    exec {lock}>&-
+}
+
+prepare_locked() {
+    local src=$1 stamp
     stamp=$(tree_stamp "$src")
     if [ -f "$BUILD/src/.cperf-stamp" ] &&
             [ "$(cat "$BUILD/src/.cperf-stamp")" = "$stamp" ]; then
@@ -747,18 +757,6 @@ cmd_check_fresh() {
 
 # ------------------------------------------------------------ check-deb
 
-# The seed example (the howto's foo/bar/baz) from the test module, with
-# whatever python3 is at hand: the packages under test are not installed
-# here.
-write_seed() {
-    python3 -c 'import ast, sys
-tree = ast.parse(open(sys.argv[1]).read())
-print(next(node.value.value for node in tree.body
-           if isinstance(node, ast.Assign)
-           and getattr(node.targets[0], "id", None) == "SEED"))' \
-        "$ROOT/Lib/test/test_perf_profiler.py" >"$1"
-}
-
 # make deb's packages on a fresh bookworm with Debian's python3.11: the
 # upgrade, perf with both backends, numpy, apt, and the way back
 # (driver/check_deb_root.sh).
@@ -770,7 +768,7 @@ cmd_check_deb() {
     enter_fresh_root "$root"
     mkdir -p "$root/root/debs"
     cp "$DEB_DIR"/*.deb "$root/root/debs/"
-    write_seed "$root/root/seed.py"
+    cp "$ROOT/driver/seed.py" "$root/root/seed.py"
     cp "$ROOT/driver/check_deb_root.sh" "$ROOT/driver/report_excerpt.py" \
         "$root/root/"
     local start=$SECONDS status=0
@@ -839,9 +837,7 @@ sys.exit(not sysconfig.get_config_var("PY_HAVE_PERF_TRAMPOLINE"))'; then
         say "perf support is not built into this interpreter yet"
         return
     fi
-    # The howto's foo/bar/baz example, as the tests profile it.
-    "$python" -c 'from test.test_perf_profiler import SEED; print(SEED)' \
-        >"$demo/seed.py"
+    cp "$ROOT/driver/seed.py" "$demo/seed.py"
     say "perf record -F 9999 -g build/$(patched_python) -X perf seed.py"
     run demo perf record -F 9999 -g -o "$demo/perf.data" \
         "$python" -X perf "$demo/seed.py"

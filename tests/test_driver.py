@@ -1,5 +1,6 @@
 """Tests of the driver (driver/cperf.sh): real patch, real make."""
 
+import ast
 import os
 import re
 import tarfile
@@ -198,6 +199,17 @@ class IncrementalBuildTests(unittest.TestCase):
         self.assertEqual(set(compiled) - self.UPSTREAM_REBUILDS,
                          {"Python/perf_trampoline.o"})
         self.assertLess(elapsed, 60)
+
+
+class DemoTests(unittest.TestCase):
+
+    def test_demo_profiles_the_tests_seed(self):
+        # The demo's example is a file of the driver's, not an import from
+        # a test module; it must stay the program the tests profile.
+        from test.test_perf_profiler import SEED
+        with open(os.path.join(ROOT, "driver", "seed.py")) as f:
+            demo = f.read()
+        self.assertEqual(ast.dump(ast.parse(demo)), ast.dump(ast.parse(SEED)))
 
 
 if __name__ == "__main__":

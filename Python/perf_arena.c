@@ -95,7 +95,8 @@ reserve_region(void)
 static size_t
 next_arena_size(size_t page)
 {
-    size_t size = _PyPerfArena.last_size ? _PyPerfArena.last_size * 2 : ARENA_MIN_SIZE;
+    size_t last = _PyPerfArena.last_size;
+    size_t size = last ? last * 2 : ARENA_MIN_SIZE;
     if (size > ARENA_MAX_SIZE) {
         size = ARENA_MAX_SIZE;
     }

@@ -15,6 +15,7 @@
 
 #include <errno.h>
 #include <fcntl.h>                // open()
+#include <stdio.h>                // snprintf()
 #include <sys/stat.h>             // fstat()
 #include <unistd.h>               // write(), getpid()
 
@@ -102,12 +103,12 @@ check_output_file(int fd, const char **refusal)
     return 0;
 }
 
-/* Open one of our files in /tmp (the perf map, the jitdump) for appending,
-   emptied unless keep is set, and tell its size.  Returns the descriptor,
-   or -1 with errno (and maybe *refusal) set. */
-int
-_PyPerfFiles_Open(const char *path, int keep, const char **refusal,
-                  off_t *size)
+/* Open one of our files in /tmp for appending, emptied unless keep is
+   set, and tell its size.  Returns the descriptor, or -1 with errno (and
+   maybe *refusal) set. */
+static int
+open_output_file(const char *path, int keep, const char **refusal,
+                 off_t *size)
 {
     *refusal = NULL;
     /* O_NOFOLLOW: never write through a planted symlink.  O_NONBLOCK: a
@@ -138,8 +139,8 @@ _PyPerfFiles_Open(const char *path, int keep, const char **refusal,
 /* Append len bytes of whole entries (lines, records) to the file open as
    fd, whose complete entries end at *size.  On failure cut the file back
    to *size, so a reader never sees half an entry. */
-int
-_PyPerfFiles_Append(int fd, off_t *size, const char *buf, size_t len)
+static int
+append_entries(int fd, off_t *size, const char *buf, size_t len)
 {
     size_t done = 0;
     while (done < len) {
@@ -199,13 +200,48 @@ _PyPerfFiles_ForEachLineChunk(int src_fd, off_t offset, off_t size,
     return 0;
 }
 
-/* Raise OSError for a failed operation on one of our files (errno set). */
 void
-_PyPerfFiles_SetError(const char *what, const char *path, const char *refusal)
+_PyPerfOutput_Path(const perf_output *out, char *buf, size_t size)
 {
-    if (refusal != NULL) {
+    snprintf(buf, size, out->path_format, (long)_PyPerfFiles_Pid());
+}
+
+int
+_PyPerfOutput_OpenLocked(perf_output *out)
+{
+    char path[64];
+    pid_t pid = _PyPerfFiles_Pid();
+    _PyPerfOutput_Path(out, path, sizeof(path));
+    int fd = open_output_file(path, out->owner == pid, &out->refusal,
+                              &out->size);
+    if (fd < 0) {
+        return -1;
+    }
+    out->fd = fd;
+    out->owner = pid;
+    return 0;
+}
+
+int
+_PyPerfOutput_IsOpenHere(const perf_output *out)
+{
+    return out->fd >= 0 && out->owner == _PyPerfFiles_Pid();
+}
+
+int
+_PyPerfOutput_AppendLocked(perf_output *out, const char *buf, size_t len)
+{
+    return append_entries(out->fd, &out->size, buf, len);
+}
+
+void
+_PyPerfOutput_SetError(const perf_output *out)
+{
+    char path[64];
+    _PyPerfOutput_Path(out, path, sizeof(path));
+    if (out->refusal != NULL) {
         PyErr_Format(PyExc_OSError, "%s %s %s; not writing to it",
-                     what, path, refusal);
+                     out->what, path, out->refusal);
     }
     else {
         PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);

@@ -27,23 +27,23 @@
 #define FLUSH_DELAY_NS (10 * 1000 * 1000)
 #define FLUSHER_STACK_SIZE (64 * 1024)
 
+/* The outputs (perf_internal.h), in the order their entries are
+   written. */
+enum { MAP, DUMP, N_OUTPUTS };
+static perf_output *const outputs[N_OUTPUTS] = {
+    &_PyPerfMap_output, &_PyPerfJit_output,
+};
+
 typedef struct {
     char data[PENDING_BYTES];   /* whole entries */
     size_t len;
-    int error;                  /* errno of a failed write of them, or 0 */
-} pending_buffer;
-
-typedef struct {
-    char map[PENDING_BYTES];
-    size_t map_len;
-    char jitdump[PENDING_BYTES];
-    size_t jitdump_len;
-} formatting_area;
+} entry_buffer;
 
 /* All fields are guarded by the files' lock. */
 static struct {
-    pending_buffer map;         /* perf map lines */
-    pending_buffer jitdump;     /* jitdump records (perf_jit) */
+    entry_buffer records;       /* new trampolines, for every output */
+    entry_buffer dump_fill;     /* jitdump records of trampolines the map
+                                   names already: a new dump being filled */
     struct timespec due;        /* when the oldest pending entry is due */
     pthread_cond_t wakeup;      /* new lines, or the flusher must go */
     pthread_t flusher;
@@ -56,17 +56,18 @@ static struct {
        above, which take new entries meanwhile.  Only the flusher uses
        it. */
     struct {
-        char map[PENDING_BYTES];
-        char jitdump[PENDING_BYTES];
+        char records[PENDING_BYTES];
+        char dump_fill[PENDING_BYTES];
     } in_flight;
-    /* Where write_records() formats lines and jitdump records before
-       writing them.  One writer uses it at a time: the flusher while
-       `writing` is set, or a flush that holds the lock and has waited
-       for the flusher. */
-    formatting_area formatted;
+    /* Where write_records() puts a record's name as the map shows it, and
+       encodes each output's entries before writing them.  One writer uses
+       them at a time: the flusher while `writing` is set, or a flush that
+       holds the lock and has waited for the flusher. */
+    char name[PERF_MAX_NAME_BYTES + 4];
+    entry_buffer encoded[N_OUTPUTS];
 } pending;
 
-/* perf mode's own lines wait in pending.map as records, and are formatted
+/* perf mode's own lines wait in pending.records, and are formatted
    when they are written out: by the flusher, off the thread that made
    the trampoline, or by whoever flushes.  Formatted at once, a line cost
    as much as the rest of a new code object, and all of it in cold code.
@@ -107,130 +108,129 @@ _PyPerfFlusher_WaitLocked(void)
 static int
 nothing_pending(void)
 {
-    return pending.map.len == 0 && pending.jitdump.len == 0
+    return pending.records.len == 0 && pending.dump_fill.len == 0
            && !pending.adopt;
 }
 
-/* A failed write is kept with its buffer and reported by the next
-   trampoline made (or at finalization), which turns perf mode off: these
-   trampolines stay nameless. */
+/* The errnos of one write's failures, per output.  They are kept in the
+   outputs (once the lock is held again, for the flusher), and reported
+   by the next trampoline made (or at finalization), which turns perf
+   mode off: these trampolines stay nameless. */
 typedef struct {
-    int map;
-    int jitdump;
+    int of[N_OUTPUTS];
 } write_errors;
 
 static void
-write_formatted(formatting_area *out, write_errors *err)
+write_encoded(int i, write_errors *err)
 {
-    if (out->map_len > 0 && err->map == 0
-        && _PyPerfMap_AppendLocked(out->map, out->map_len) < 0)
+    entry_buffer *area = &pending.encoded[i];
+    if (area->len > 0 && err->of[i] == 0
+        && _PyPerfOutput_AppendLocked(outputs[i], area->data, area->len) < 0)
     {
-        err->map = errno;
+        err->of[i] = errno;
     }
-    if (out->jitdump_len > 0 && err->jitdump == 0
-        && _PyPerfJit_AppendLocked(out->jitdump, out->jitdump_len) < 0)
-    {
-        err->jitdump = errno;
-    }
-    out->map_len = 0;
-    out->jitdump_len = 0;
+    area->len = 0;
 }
 
-/* Format records[0:len] and write them: their lines to the map if to_map,
-   their jitdump records to this process's dump if it is open.  Writing
-   stops at a file's first error, kept in err. */
-static write_errors
-write_records(const char *records, size_t len, int to_map, write_errors err)
+/* Put the record's name as the map shows it into pending.name: a raw name
+   is escaped and cut now.  Returns its length. */
+static size_t
+put_display_name(const line_record *record, const char *name)
 {
-    formatting_area *out = &pending.formatted;
-    int to_jitdump = _PyPerfJit_IsOpenHere();
+    if (!record->name_is_raw) {
+        memcpy(pending.name, name, record->name_len);
+        return record->name_len;
+    }
+    perf_name_writer w = {pending.name, 0, PERF_MAX_NAME_BYTES, 0};
+    _PyPerfMap_PutAscii(&w, (const Py_UCS1 *)name, record->name_len);
+    _PyPerfMap_EndName(&w);
+    return w.len;
+}
+
+/* Encode records[0:len] for the outputs `to` selects and write them.
+   Writing stops at an output's first error, kept in err. */
+static void
+write_records(const char *records, size_t len, const int to[N_OUTPUTS],
+              write_errors *err)
+{
     const char *p = records, *end = records + len;
     while (p < end) {
         line_record record;
         memcpy(&record, p, sizeof(record));
         const char *name = p + sizeof(record);
         p = name + record.name_len;
-        if (PENDING_BYTES - out->map_len < PERF_MAX_LINE_BYTES
-            || PENDING_BYTES - out->jitdump_len < PERF_MAX_JITDUMP_BYTES)
-        {
-            write_formatted(out, &err);
-        }
-        char *line = out->map + out->map_len;
-        perf_name_writer w = _PyPerfMap_StartEntry(
-            line, (const void *)record.addr, _PyPerfArena_TemplateSize());
-        if (record.name_is_raw) {
-            _PyPerfMap_PutAscii(&w, (const Py_UCS1 *)name, record.name_len);
-        }
-        else {
-            memcpy(w.buf, name, record.name_len);
-            w.len = record.name_len;
-        }
-        size_t line_len = _PyPerfMap_FinishEntry(line, &w);
-        if (to_map) {
-            out->map_len += line_len;
-        }
-        if (to_jitdump) {
-            uint64_t made = record.timestamp ? record.timestamp
-                                             : _PyPerfJit_Now();
-            out->jitdump_len += _PyPerfJit_Encode(
-                out->jitdump + out->jitdump_len, record.addr, w.buf,
-                w.len - 1, made);
+        size_t name_len = put_display_name(&record, name);
+        for (int i = 0; i < N_OUTPUTS; i++) {
+            if (!to[i]) {
+                continue;
+            }
+            entry_buffer *area = &pending.encoded[i];
+            if (PENDING_BYTES - area->len < outputs[i]->max_entry) {
+                write_encoded(i, err);
+            }
+            area->len += outputs[i]->encode(area->data + area->len,
+                                            record.addr, pending.name,
+                                            name_len, record.timestamp);
         }
     }
-    write_formatted(out, &err);
-    return err;
+    for (int i = 0; i < N_OUTPUTS; i++) {
+        write_encoded(i, err);
+    }
 }
 
-/* Write out buffered jitdump records (of a dump being filled from the
-   map), then format the buffered line records and write their lines to
-   the map (if to_map) and their records to the dump (if open here). */
-static write_errors
-write_entries(const char *records, size_t records_len, int to_map,
-              const char *jitdump_data, size_t jitdump_len)
+/* Write out the records of a dump being filled, then the new
+   trampolines' entries. */
+static void
+write_entries(const char *records, size_t records_len,
+              const char *dump_fill, size_t dump_fill_len,
+              const int to[N_OUTPUTS], write_errors *err)
 {
-    write_errors err = {0, 0};
-    if (jitdump_len > 0
-        && _PyPerfJit_AppendLocked(jitdump_data, jitdump_len) < 0)
+    if (dump_fill_len > 0
+        && _PyPerfOutput_AppendLocked(outputs[DUMP], dump_fill,
+                                      dump_fill_len) < 0)
     {
-        err.jitdump = errno;
+        err->of[DUMP] = errno;
     }
-    return write_records(records, records_len, to_map, err);
+    write_records(records, records_len, to, err);
 }
 
 static void
-keep_write_errors_locked(write_errors err)
+keep_write_errors_locked(const write_errors *err)
 {
-    if (err.map != 0) {
-        pending.map.error = err.map;
-    }
-    if (err.jitdump != 0) {
-        pending.jitdump.error = err.jitdump;
+    for (int i = 0; i < N_OUTPUTS; i++) {
+        if (err->of[i] != 0) {
+            outputs[i]->error = err->of[i];
+        }
     }
 }
 
-/* Can the pending lines go to the map?  Not if it cannot be opened (the
-   errno is kept, and the lines are lost; the dump still gets its
-   records). */
-static int
-map_writable_locked(void)
+/* Which outputs get the pending records.  The map gets them, opened if
+   need be (if it cannot be, its errno is kept and the lines are lost;
+   the dump still gets its records); the dump only if it is open here:
+   perf_jit may have been turned off since they were made. */
+static void
+choose_outputs_locked(int to[N_OUTPUTS])
 {
-    if (pending.map.len > 0 && _PyPerfMap_ReadyLocked() < 0) {
-        pending.map.error = errno;
-        return 0;
+    to[MAP] = 1;
+    if (pending.records.len > 0 && outputs[MAP]->ready_locked() < 0) {
+        outputs[MAP]->error = errno;
+        to[MAP] = 0;
     }
-    return 1;
+    to[DUMP] = _PyPerfOutput_IsOpenHere(outputs[DUMP]);
 }
 
 void
 _PyPerfFlusher_FlushLocked(void)
 {
     _PyPerfFlusher_WaitLocked();
-    int to_map = map_writable_locked();
-    keep_write_errors_locked(write_entries(pending.map.data, pending.map.len,
-                                           to_map, pending.jitdump.data,
-                                           pending.jitdump.len));
-    pending.map.len = 0;
-    pending.jitdump.len = 0;
+    int to[N_OUTPUTS];
+    choose_outputs_locked(to);
+    write_errors err = {{0}};
+    write_entries(pending.records.data, pending.records.len,
+                  pending.dump_fill.data, pending.dump_fill.len, to, &err);
+    keep_write_errors_locked(&err);
+    pending.records.len = 0;
+    pending.dump_fill.len = 0;
 }
 
 /* Copy the parent's lines that this forked child has yet to copy into
@@ -241,14 +241,14 @@ copy_inherited_lines_locked(void)
     if (!_PyPerfMap_HasInheritedLocked()) {
         return;
     }
-    off_t from = _PyPerfMap_SizeLocked();
+    off_t from = outputs[MAP]->size;
     if (_PyPerfMap_CopyInheritedLocked() < 0) {
-        pending.map.error = errno;
+        outputs[MAP]->error = errno;
     }
-    else if (_PyPerfJit_IsOpenHere()
+    else if (_PyPerfOutput_IsOpenHere(outputs[DUMP])
              && _PyPerfJit_AddMapLinesLocked(from) < 0)
     {
-        pending.jitdump.error = errno;
+        outputs[DUMP]->error = errno;
     }
 }
 
@@ -264,12 +264,14 @@ static void
 adopt_parent_lines_locked(void)
 {
     pending.adopt = 0;
-    if (_PyPerfMap_ReadyLocked() < 0) {
-        pending.map.error = errno;
-        return;
-    }
-    if (_PyPerfJit_IsWanted() && _PyPerfJit_ReadyLocked() < 0) {
-        pending.jitdump.error = errno;
+    for (int i = 0; i < N_OUTPUTS; i++) {
+        perf_output *out = outputs[i];
+        if (out->wanted && out->ready_locked() < 0) {
+            out->error = errno;
+            if (i == MAP) {
+                return;     /* nothing to copy into */
+            }
+        }
     }
     copy_inherited_lines_locked();
 }
@@ -285,31 +287,52 @@ write_due_entries_locked(void)
     if (pending.adopt) {
         adopt_parent_lines_locked();
     }
-    int to_map = map_writable_locked();
-    size_t map_len = pending.map.len;
-    size_t jitdump_len = pending.jitdump.len;
-    memcpy(pending.in_flight.map, pending.map.data, map_len);
-    memcpy(pending.in_flight.jitdump, pending.jitdump.data, jitdump_len);
-    pending.map.len = 0;
-    pending.jitdump.len = 0;
+    int to[N_OUTPUTS];
+    choose_outputs_locked(to);
+    size_t records_len = pending.records.len;
+    size_t dump_fill_len = pending.dump_fill.len;
+    memcpy(pending.in_flight.records, pending.records.data, records_len);
+    memcpy(pending.in_flight.dump_fill, pending.dump_fill.data,
+           dump_fill_len);
+    pending.records.len = 0;
+    pending.dump_fill.len = 0;
     pending.writing = 1;
     pthread_mutex_unlock(&_PyPerfFiles_mutex);
-    write_errors err = write_entries(pending.in_flight.map, map_len, to_map,
-                                     pending.in_flight.jitdump, jitdump_len);
+    write_errors err = {{0}};
+    write_entries(pending.in_flight.records, records_len,
+                  pending.in_flight.dump_fill, dump_fill_len, to, &err);
     pthread_mutex_lock(&_PyPerfFiles_mutex);
     pending.writing = 0;
-    keep_write_errors_locked(err);
+    keep_write_errors_locked(&err);
     pthread_cond_broadcast(&pending.written);
 }
 
-/* A buffer's failed write, now reported: returns its errno (0 if none)
-   and forgets it. */
-static int
-take_error_locked(pending_buffer *buffer)
+/* Deferred writes that failed, now reported: returns the first failing
+   output with errno set to its error, or NULL; all are forgotten.  A
+   file that restarts after an error is closed, to start anew. */
+static perf_output *
+take_error_locked(void)
 {
-    int err = buffer->error;
-    buffer->error = 0;
-    return err;
+    perf_output *failed = NULL;
+    int failed_errno = 0;
+    for (int i = 0; i < N_OUTPUTS; i++) {
+        perf_output *out = outputs[i];
+        int err = out->error;
+        if (err == 0) {
+            continue;
+        }
+        out->error = 0;
+        if (out->restart_after_error) {
+            out->close_locked();
+            out->owner = 0;
+        }
+        if (failed == NULL) {
+            failed = out;
+            failed_errno = err;
+        }
+    }
+    errno = failed_errno;
+    return failed;
 }
 
 void
@@ -406,7 +429,7 @@ fork_prepare(void)
         pthread_cond_wait(&pending.written, &_PyPerfFiles_mutex);
     }
     _PyPerfFlusher_FlushLocked();
-    if (_PyPerfMap_IsOpenHere()) {
+    if (_PyPerfOutput_IsOpenHere(outputs[MAP])) {
         copy_inherited_lines_locked();
     }
 }
@@ -470,7 +493,7 @@ schedule_flusher_locked(void)
    nothing is pending yet.  Returns -1 if no flusher can be started: the
    caller then writes the entries itself.  Caller holds the lock. */
 static int
-make_room_locked(pending_buffer *buffer, size_t len)
+make_room_locked(entry_buffer *buffer, size_t len)
 {
     if (buffer->len + len > PENDING_BYTES) {
         _PyPerfFlusher_FlushLocked();
@@ -486,11 +509,10 @@ void
 _PyPerfFlusher_QueueJitdumpLocked(uintptr_t addr, const char *name,
                                   size_t name_len)
 {
-    int no_flusher = make_room_locked(&pending.jitdump,
-                                      PERF_MAX_JITDUMP_BYTES) < 0;
-    pending.jitdump.len += _PyPerfJit_Encode(
-        pending.jitdump.data + pending.jitdump.len, addr, name, name_len,
-        _PyPerfJit_Now());
+    entry_buffer *fill = &pending.dump_fill;
+    int no_flusher = make_room_locked(fill, PERF_MAX_JITDUMP_BYTES) < 0;
+    fill->len += outputs[DUMP]->encode(fill->data + fill->len, addr, name,
+                                       name_len, _PyPerfJit_Now());
     if (no_flusher) {
         _PyPerfFlusher_FlushLocked();
     }
@@ -569,54 +591,36 @@ put_record_name(char *name, PyCodeObject *co, uint32_t *is_raw)
 static void
 queue_code_record_locked(py_trampoline code, PyCodeObject *co)
 {
-    int no_flusher = make_room_locked(&pending.map, MAX_RECORD_BYTES) < 0;
+    int no_flusher = make_room_locked(&pending.records,
+                                      MAX_RECORD_BYTES) < 0;
     line_record record = {(uintptr_t)code,
-                          _PyPerfJit_IsWanted() ? _PyPerfJit_Now() : 0, 0, 0};
-    char *at = pending.map.data + pending.map.len;
+                          outputs[DUMP]->wanted ? _PyPerfJit_Now() : 0, 0, 0};
+    char *at = pending.records.data + pending.records.len;
     record.name_len = (uint32_t)put_record_name(at + sizeof(record), co,
                                                 &record.name_is_raw);
     memcpy(at, &record, sizeof(record));
-    pending.map.len += sizeof(record) + record.name_len;
+    pending.records.len += sizeof(record) + record.name_len;
     if (no_flusher) {
         _PyPerfFlusher_FlushLocked();
     }
 }
 
-/* A write of earlier entries that failed: -1 (map) or -2 (dump) with
-   errno set, or 0. */
-static int
-take_write_error_locked(void)
-{
-    int err = take_error_locked(&pending.map);
-    if (err != 0) {
-        errno = err;
-        return -1;
-    }
-    err = take_error_locked(&pending.jitdump);
-    if (err != 0) {
-        _PyPerfJit_AbandonLocked();
-        errno = err;
-        return -2;
-    }
-    return 0;
-}
-
-/* Are the map and, with perf_jit, this process's dump ready for a new
-   trampoline's entries?  0, or -1 (map) or -2 (dump) with errno set. */
-static int
+/* Are the outputs perf mode writes ready for a new trampoline's entries?
+   NULL, or the output that is not (errno set). */
+static perf_output *
 outputs_ready_locked(void)
 {
-    int res = take_write_error_locked();
-    if (res < 0) {
-        return res;
+    perf_output *failed = take_error_locked();
+    if (failed != NULL) {
+        return failed;
     }
-    if (_PyPerfMap_ReadyLocked() < 0) {
-        return -1;
+    for (int i = 0; i < N_OUTPUTS; i++) {
+        perf_output *out = outputs[i];
+        if (out->wanted && out->ready_locked() < 0) {
+            return out;
+        }
     }
-    if (_PyPerfJit_IsWanted() && _PyPerfJit_ReadyLocked() < 0) {
-        return -2;
-    }
-    return 0;
+    return NULL;
 }
 
 /* Name a new trampoline in the map and, with perf_jit, in the dump: before
@@ -626,30 +630,28 @@ int
 _PyPerfFlusher_Announce(py_trampoline code, PyCodeObject *co)
 {
     pthread_mutex_lock(&_PyPerfFiles_mutex);
-    int failed = outputs_ready_locked();
-    if (failed == 0) {
+    perf_output *failed = outputs_ready_locked();
+    if (failed == NULL) {
         queue_code_record_locked(code, co);
-        failed = take_write_error_locked();     /* of a write just made */
+        failed = take_error_locked();     /* of a write just made */
     }
     _PyPerfFiles_Unlock();      /* keeps errno */
     /* Exceptions only outside the lock: making one may run a finalizer,
        and Python code may need the lock. */
-    if (failed == -1) {
-        _PyPerfMap_SetError();
+    if (failed != NULL) {
+        _PyPerfOutput_SetError(failed);
+        return -1;
     }
-    else if (failed == -2) {
-        _PyPerfJit_SetError();
-    }
-    return failed < 0 ? -1 : 0;
+    return 0;
 }
 
-void
-_PyPerfFlusher_TakeErrors(int *map_error, int *jitdump_error)
+perf_output *
+_PyPerfFlusher_TakeError(void)
 {
     _PyPerfFiles_Lock();
-    *map_error = take_error_locked(&pending.map);
-    *jitdump_error = take_error_locked(&pending.jitdump);
+    perf_output *failed = take_error_locked();
     _PyPerfFiles_Unlock();
+    return failed;
 }
 
 #endif  /* PY_HAVE_PERF_TRAMPOLINE */

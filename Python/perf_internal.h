@@ -98,15 +98,51 @@ extern void _PyPerfFiles_Lock(void);
 extern void _PyPerfFiles_Unlock(void);
 
 extern void _PyPerfFiles_CloseKeepingErrno(int fd);
-/* Open one of our files in /tmp for appending, emptied unless keep is
-   set; *size gets its size, *refusal why an existing file was refused
-   (or NULL).  Returns the descriptor or -1. */
-extern int _PyPerfFiles_Open(const char *path, int keep, const char **refusal,
-                             off_t *size);
-/* Append whole entries to fd, whose complete entries end at *size; on
-   failure the file is cut back to *size. */
-extern int _PyPerfFiles_Append(int fd, off_t *size, const char *buf,
-                               size_t len);
+
+/* An output file of ours in /tmp, written one whole entry per trampoline:
+   the perf map (perf_map.c) and the jitdump (perf_jit_trampoline.c) are
+   its two instances.  The fields from `wanted` on are guarded by the
+   lock. */
+typedef struct {
+    const char *what;           /* "perf map file", for messages */
+    const char *path_format;    /* its path, from the pid (a long) */
+    /* Make sure this process's file is open and names every trampoline
+       it must.  Locked. */
+    int (*ready_locked)(void);
+    /* Encode the entry of the trampoline at addr, named as the map shows
+       it, made at time `made`, into buf (max_entry bytes); returns its
+       length.  Locked, or the flusher while it writes. */
+    size_t (*encode)(char *buf, uintptr_t addr, const char *name,
+                     size_t name_len, uint64_t made);
+    size_t max_entry;
+    void (*close_locked)(void);
+    /* After a write failed the file lacks entries: start a new one next
+       time (the dump), or keep it as it is (the map: perf mode stops). */
+    int restart_after_error;
+    int wanted;                 /* perf mode writes it */
+    int fd;                     /* -1 while closed */
+    pid_t owner;                /* the process that created the file */
+    off_t size;                 /* bytes of complete entries in it */
+    const char *refusal;        /* why an existing file was refused */
+    int error;                  /* errno of a deferred write that failed,
+                                   until reported; 0 if none */
+} perf_output;
+
+extern void _PyPerfOutput_Path(const perf_output *out, char *buf,
+                               size_t size);
+/* Open this process's file for appending: one left by an earlier process
+   with the same pid is emptied, one this process wrote before (an
+   earlier Py_Initialize, perf_jit turned on again) is appended to.
+   Locked. */
+extern int _PyPerfOutput_OpenLocked(perf_output *out);
+/* Is this process's file open?  (After fork() the parent's may be.) */
+extern int _PyPerfOutput_IsOpenHere(const perf_output *out);
+/* Append whole entries; on failure the file is cut back to its complete
+   entries.  Locked, or the flusher while it writes. */
+extern int _PyPerfOutput_AppendLocked(perf_output *out, const char *buf,
+                                      size_t len);
+/* Raise OSError for the file's last failure (errno set). */
+extern void _PyPerfOutput_SetError(const perf_output *out);
 
 typedef int (*perf_lines_handler)(const char *lines, size_t len, void *arg);
 /* handle() the complete lines of fd from offset to size, a chunk at a
@@ -114,9 +150,6 @@ typedef int (*perf_lines_handler)(const char *lines, size_t len, void *arg);
 extern int _PyPerfFiles_ForEachLineChunk(int fd, off_t offset, off_t size,
                                          perf_lines_handler handle,
                                          void *arg);
-/* Raise OSError for a failed operation on one of our files. */
-extern void _PyPerfFiles_SetError(const char *what, const char *path,
-                                  const char *refusal);
 
 
 /* perf_map.c */
@@ -145,18 +178,10 @@ extern perf_name_writer _PyPerfMap_StartEntry(char *buf, const void *addr,
 extern void _PyPerfMap_EndName(perf_name_writer *w);
 extern size_t _PyPerfMap_FinishEntry(char *buf, perf_name_writer *w);
 
-extern void _PyPerfMap_Path(char *buf, size_t size, pid_t pid);
-/* Raise OSError for the map's last failure. */
-extern void _PyPerfMap_SetError(void);
-/* Is this process's map open?  (After fork() the parent's may be.) */
-extern int _PyPerfMap_IsOpenHere(void);
+extern perf_output _PyPerfMap_output;
+
 /* Is the open map the parent's, in a forked child?  Locked. */
 extern int _PyPerfMap_IsParentsLocked(void);
-/* Make sure this process's map is open.  Locked. */
-extern int _PyPerfMap_ReadyLocked(void);
-extern int _PyPerfMap_AppendLocked(const char *buf, size_t len);
-/* Bytes of complete lines in the map.  Locked. */
-extern off_t _PyPerfMap_SizeLocked(void);
 /* handle() the map's lines from byte `from` on.  Locked. */
 extern int _PyPerfMap_ForEachLineLocked(off_t from, perf_lines_handler handle,
                                         void *arg);
@@ -187,9 +212,9 @@ extern void _PyPerfFlusher_QueueJitdumpLocked(uintptr_t addr,
 /* A forked child's first Python frame: it gets its own map and dump with
    its parent's lines, soon (see perf_flusher.c). */
 extern void _PyPerfFlusher_ScheduleAdoption(void);
-/* The errnos of deferred writes that failed and were not reported yet
-   (0 if none), forgotten. */
-extern void _PyPerfFlusher_TakeErrors(int *map_error, int *jitdump_error);
+/* A deferred write that failed and was not reported yet: its output, with
+   errno set, and forgotten; or NULL. */
+extern perf_output *_PyPerfFlusher_TakeError(void);
 
 
 /* perf_jit_trampoline.c */
@@ -205,29 +230,16 @@ extern void _PyPerfFlusher_TakeErrors(int *map_error, int *jitdump_error);
                                 + PERF_JITDUMP_CODE_LOAD_BYTES \
                                 + PERF_MAX_LINE_BYTES)
 
-/* perf_jit is the backend. */
-extern int _PyPerfJit_IsWanted(void);
+extern perf_output _PyPerfJit_output;
+
 /* Switch the dump on or off with the backend; -1 with an exception set
    if it cannot be opened. */
 extern int _PyPerfJit_SetWanted(int wanted);
-extern int _PyPerfJit_IsOpenHere(void);
-/* Make sure this process's dump is open and has every trampoline the
-   map lists.  Locked. */
-extern int _PyPerfJit_ReadyLocked(void);
-extern int _PyPerfJit_AppendLocked(const char *buf, size_t len);
-/* The dump misses records: close it, and start a new one next time. */
-extern void _PyPerfJit_AbandonLocked(void);
 /* Queue the records of the trampolines of the map's lines from byte
    `from` on.  Locked. */
 extern int _PyPerfJit_AddMapLinesLocked(off_t from);
-/* Encode one trampoline's records into buf (PERF_MAX_JITDUMP_BYTES);
-   returns their length.  Locked, or the flusher while it writes. */
-extern size_t _PyPerfJit_Encode(char *buf, uintptr_t addr, const char *name,
-                                size_t name_len, uint64_t timestamp);
 /* The clock of the records (perf record -k 1). */
 extern uint64_t _PyPerfJit_Now(void);
-extern void _PyPerfJit_Path(char *buf, size_t size, pid_t pid);
-extern void _PyPerfJit_SetError(void);
 
 
 /* perf_jit_unwind.c */

@@ -67,33 +67,18 @@ typedef struct {
     uint64_t mapped_size;
 } jitdump_unwinding;
 
-/* All fields are guarded by the files' lock. */
+/* The file is _PyPerfJit_output (at the end).  All fields are guarded
+   by the files' lock. */
 static struct {
-    int fd;                 /* -1 while no dump is open */
-    pid_t owner;            /* the process that created the file */
-    off_t size;             /* bytes of complete records in the file */
     void *marker;           /* the executable mapping perf records */
     size_t marker_size;
     uint64_t next_index;    /* names perf inject's jitted-<pid>-<n>.so */
-    const char *refusal;
-    int wanted;             /* perf_jit is the backend */
     off_t map_done;         /* the map's bytes whose trampolines it has */
     const perf_unwind_tables *unwind;   /* set when a dump is opened */
-} jitdump = {.fd = -1};
+} jitdump;
 
-void
-_PyPerfJit_Path(char *buf, size_t size, pid_t pid)
-{
-    snprintf(buf, size, "/tmp/jit-%ld.dump", (long)pid);
-}
-
-void
-_PyPerfJit_SetError(void)
-{
-    char path[64];
-    _PyPerfJit_Path(path, sizeof(path), _PyPerfFiles_Pid());
-    _PyPerfFiles_SetError("jitdump file", path, jitdump.refusal);
-}
+#define DUMP (&_PyPerfJit_output)
+#define MAP (&_PyPerfMap_output)
 
 uint64_t
 _PyPerfJit_Now(void)
@@ -104,36 +89,22 @@ _PyPerfJit_Now(void)
     return (uint64_t)ts.tv_sec * 1000000000 + (uint64_t)ts.tv_nsec;
 }
 
-/* Is this process's dump open?  (After fork() the parent's may be.) */
-int
-_PyPerfJit_IsOpenHere(void)
-{
-    return jitdump.fd >= 0 && jitdump.owner == _PyPerfFiles_Pid();
-}
-
-/* As _PyPerfMap_AppendLocked(), for the jitdump. */
-int
-_PyPerfJit_AppendLocked(const char *buf, size_t len)
-{
-    return _PyPerfFiles_Append(jitdump.fd, &jitdump.size, buf, len);
-}
-
 static void
 jitdump_close_locked(void)
 {
     _PyPerfFlusher_FlushLocked();
-    if (_PyPerfJit_IsOpenHere() && _PyPerfMap_IsOpenHere()) {
+    if (_PyPerfOutput_IsOpenHere(DUMP) && _PyPerfOutput_IsOpenHere(MAP)) {
         /* Every trampoline the map lists is in the dump now: opened again
            (perf_jit switched back on), it needs only the later ones. */
-        jitdump.map_done = _PyPerfMap_SizeLocked();
+        jitdump.map_done = MAP->size;
     }
     if (jitdump.marker != NULL) {
         munmap(jitdump.marker, jitdump.marker_size);
         jitdump.marker = NULL;
     }
-    if (jitdump.fd >= 0) {
-        close(jitdump.fd);
-        jitdump.fd = -1;
+    if (DUMP->fd >= 0) {
+        close(DUMP->fd);
+        DUMP->fd = -1;
     }
 }
 
@@ -144,42 +115,32 @@ jitdump_close_locked(void)
 static int
 jitdump_open_locked(void)
 {
-    char path[64];
-    pid_t pid = _PyPerfFiles_Pid();
     jitdump.unwind = _PyPerfUnwind_Tables();
-    if (jitdump.unwind == NULL) {
+    if (jitdump.unwind == NULL || _PyPerfOutput_OpenLocked(DUMP) < 0) {
         return -1;
     }
-    _PyPerfJit_Path(path, sizeof(path), pid);
-    int fd = _PyPerfFiles_Open(path, jitdump.owner == pid, &jitdump.refusal,
-                               &jitdump.size);
-    if (fd < 0) {
-        return -1;
-    }
-    jitdump.fd = fd;
-    jitdump.owner = pid;
-    if (jitdump.size == 0) {
+    if (DUMP->size == 0) {
         jitdump.map_done = 0;
         jitdump_header header = {
             .magic = JITDUMP_MAGIC,
             .version = JITDUMP_VERSION,
             .total_size = sizeof(jitdump_header),
             .elf_mach = JITDUMP_ELF_MACHINE,
-            .pid = (uint32_t)pid,
+            .pid = (uint32_t)DUMP->owner,
             .timestamp = _PyPerfJit_Now(),
         };
-        if (_PyPerfJit_AppendLocked((const char *)&header,
-                                    sizeof(header)) < 0) {
+        if (_PyPerfOutput_AppendLocked(DUMP, (const char *)&header,
+                                       sizeof(header)) < 0) {
             jitdump_close_locked();
             return -1;
         }
     }
     jitdump.marker_size = (size_t)sysconf(_SC_PAGESIZE);
     jitdump.marker = mmap(NULL, jitdump.marker_size, PROT_READ | PROT_EXEC,
-                          MAP_PRIVATE, fd, 0);
+                          MAP_PRIVATE, DUMP->fd, 0);
     if (jitdump.marker == MAP_FAILED) {
         jitdump.marker = NULL;
-        jitdump.refusal = "cannot be mapped executable (is /tmp noexec?)";
+        DUMP->refusal = "cannot be mapped executable (is /tmp noexec?)";
         jitdump_close_locked();
         return -1;
     }
@@ -188,17 +149,20 @@ jitdump_open_locked(void)
 
 /* Encode the records for one trampoline into buf (PERF_MAX_JITDUMP_BYTES):
    its unwinding tables, then its code load, both stamped with the time
-   the trampoline was made.  Returns their length.  Called with the lock,
-   or by the flusher while it writes (pending.writing). */
-size_t
-_PyPerfJit_Encode(char *buf, uintptr_t addr, const char *name,
-                  size_t name_len, uint64_t timestamp)
+   the trampoline was made (0: now).  Returns their length.  Called with
+   the lock, or by the flusher while it writes. */
+static size_t
+encode_load(char *buf, uintptr_t addr, const char *name, size_t name_len,
+            uint64_t timestamp)
 {
     Py_BUILD_ASSERT(sizeof(jitdump_unwinding)
                     == PERF_JITDUMP_UNWINDING_BYTES);
     Py_BUILD_ASSERT(sizeof(jitdump_code_load)
                     == PERF_JITDUMP_CODE_LOAD_BYTES);
     const perf_unwind_tables *tables = jitdump.unwind;
+    if (timestamp == 0) {
+        timestamp = _PyPerfJit_Now();   /* made before perf_jit was on */
+    }
     size_t code_size = _PyPerfArena_TemplateSize();
     size_t unwinding_len = (sizeof(jitdump_unwinding) + tables->size
                             + 7) & ~(size_t)7;
@@ -287,15 +251,15 @@ _PyPerfJit_AddMapLinesLocked(off_t from)
    that the map lists and it does not have yet: all of them for a new dump
    (perf_jit turned on, or a fork; inherited ones included), those made
    since it was closed for one opened again.  Caller holds the lock. */
-int
-_PyPerfJit_ReadyLocked(void)
+static int
+dump_ready_locked(void)
 {
-    if (_PyPerfJit_IsOpenHere()) {
+    if (_PyPerfOutput_IsOpenHere(DUMP)) {
         return 0;
     }
     jitdump_close_locked();     /* a parent's (it waits for the flusher) */
     _PyPerfFlusher_FlushLocked();
-    if (_PyPerfMap_ReadyLocked() < 0) {
+    if (MAP->ready_locked() < 0) {
         return -1;
     }
     if (jitdump_open_locked() < 0) {
@@ -304,23 +268,8 @@ _PyPerfJit_ReadyLocked(void)
     if (_PyPerfJit_AddMapLinesLocked(jitdump.map_done) < 0) {
         return -1;
     }
-    jitdump.map_done = _PyPerfMap_SizeLocked();
+    jitdump.map_done = MAP->size;
     return 0;
-}
-
-int
-_PyPerfJit_IsWanted(void)
-{
-    return jitdump.wanted;
-}
-
-/* The dump misses records now: a later perf_jit starts a new one rather
-   than add to this. */
-void
-_PyPerfJit_AbandonLocked(void)
-{
-    jitdump_close_locked();
-    jitdump.owner = 0;
 }
 
 /* Switch the dump on or off with the backend.  Returns -1 with an
@@ -330,11 +279,11 @@ _PyPerfJit_SetWanted(int wanted)
 {
     _PyPerfFiles_Lock();
     int res = 0;
-    jitdump.wanted = wanted;
+    DUMP->wanted = wanted;
     if (wanted) {
-        res = _PyPerfJit_ReadyLocked();
+        res = dump_ready_locked();
         if (res < 0) {
-            jitdump.wanted = 0;
+            DUMP->wanted = 0;
             jitdump_close_locked();
         }
     }
@@ -343,9 +292,22 @@ _PyPerfJit_SetWanted(int wanted)
     }
     _PyPerfFiles_Unlock();
     if (res < 0) {
-        _PyPerfJit_SetError();
+        _PyPerfOutput_SetError(DUMP);
     }
     return res;
 }
+
+perf_output _PyPerfJit_output = {
+    .what = "jitdump file",
+    .path_format = "/tmp/jit-%ld.dump",
+    .ready_locked = dump_ready_locked,
+    .encode = encode_load,
+    .max_entry = PERF_MAX_JITDUMP_BYTES,
+    .close_locked = jitdump_close_locked,
+    /* perf inject reads a dump as a whole: a later perf_jit starts a new
+       one rather than add to one that misses records. */
+    .restart_after_error = 1,
+    .fd = -1,
+};
 
 #endif  /* PY_HAVE_PERF_TRAMPOLINE */

@@ -21,57 +21,21 @@
 #include <sys/stat.h>             // fstat()
 #include <unistd.h>               // close()
 
-/* Guarded by the files' lock. */
+/* The file is _PyPerfMap_output (at the end).  Guarded by the lock. */
 static struct {
-    int fd;             /* -1 while no map file is open */
-    pid_t owner;        /* the process that created the file behind fd */
-    off_t size;         /* bytes of complete lines in the file */
-    const char *refusal;  /* why an existing file was refused, or NULL */
     int inherited_fd;   /* a forked child's copy of its parent's map, */
     off_t inherited_size;   /* whose lines it has yet to copy; or -1 */
     /* Where write_map_line() formats a line: not on the C stack of a
        caller that may have a small one. */
     char api_line[PERF_MAX_LINE_BYTES];
-} perf_map = {.fd = -1, .inherited_fd = -1};
+} perf_map = {.inherited_fd = -1};
 
-void
-_PyPerfMap_Path(char *buf, size_t size, pid_t pid)
-{
-    snprintf(buf, size, "/tmp/perf-%ld.map", (long)pid);
-}
-
-/* Open this process's map file.  A file left by an earlier process with
-   the same pid is emptied; one this process wrote before (an earlier
-   Py_Initialize) is appended to.  Caller holds the lock.  Returns -1
-   with errno (and maybe perf_map.refusal) set on failure. */
-static int
-perf_map_open_locked(void)
-{
-    char path[64];
-    pid_t pid = _PyPerfFiles_Pid();
-    _PyPerfMap_Path(path, sizeof(path), pid);
-    int fd = _PyPerfFiles_Open(path, perf_map.owner == pid,
-                               &perf_map.refusal, &perf_map.size);
-    if (fd < 0) {
-        return -1;
-    }
-    perf_map.fd = fd;
-    perf_map.owner = pid;
-    return 0;
-}
-
-/* Append whole lines to the map.  Caller holds the lock, or is the
-   flusher writing outside it (see perf_flusher.c). */
-int
-_PyPerfMap_AppendLocked(const char *buf, size_t len)
-{
-    return _PyPerfFiles_Append(perf_map.fd, &perf_map.size, buf, len);
-}
+#define MAP (&_PyPerfMap_output)
 
 static int
 append_map_lines(const char *lines, size_t len, void *Py_UNUSED(arg))
 {
-    return _PyPerfMap_AppendLocked(lines, len);
+    return _PyPerfOutput_AppendLocked(MAP, lines, len);
 }
 
 /* Copy the complete lines of another map file into ours.  After fork()
@@ -83,13 +47,6 @@ perf_map_copy_locked(int src_fd, off_t size)
 {
     return _PyPerfFiles_ForEachLineChunk(src_fd, 0, size, append_map_lines,
                                          NULL);
-}
-
-/* Is this process's map open?  (After fork() the parent's may be.) */
-int
-_PyPerfMap_IsOpenHere(void)
-{
-    return perf_map.fd >= 0 && perf_map.owner == _PyPerfFiles_Pid();
 }
 
 static void
@@ -107,12 +64,12 @@ drop_inherited_map_locked(void)
 static int
 perf_map_fork_locked(void)
 {
-    int parent_fd = perf_map.fd;
-    off_t parent_size = perf_map.size;
+    int parent_fd = MAP->fd;
+    off_t parent_size = MAP->size;
     /* The parent copied its own parent's lines before it forked. */
     assert(perf_map.inherited_fd < 0);
-    perf_map.fd = -1;
-    if (perf_map_open_locked() < 0) {
+    MAP->fd = -1;
+    if (_PyPerfOutput_OpenLocked(MAP) < 0) {
         _PyPerfFiles_CloseKeepingErrno(parent_fd);
         return -1;
     }
@@ -122,17 +79,17 @@ perf_map_fork_locked(void)
 }
 
 /* Make sure this process's map file is open.  Caller holds the lock. */
-int
-_PyPerfMap_ReadyLocked(void)
+static int
+map_ready_locked(void)
 {
-    if (_PyPerfMap_IsOpenHere()) {
+    if (_PyPerfOutput_IsOpenHere(MAP)) {
         return 0;
     }
     /* Opening the file or starting the child's: not while the flusher
        writes to the old one. */
     _PyPerfFlusher_WaitLocked();
-    if (perf_map.fd < 0) {
-        return perf_map_open_locked();
+    if (MAP->fd < 0) {
+        return _PyPerfOutput_OpenLocked(MAP);
     }
     /* A forked child's first use: the parent's map is still open. */
     return perf_map_fork_locked();
@@ -141,21 +98,15 @@ _PyPerfMap_ReadyLocked(void)
 int
 _PyPerfMap_IsParentsLocked(void)
 {
-    return perf_map.fd >= 0 && !_PyPerfMap_IsOpenHere();
-}
-
-off_t
-_PyPerfMap_SizeLocked(void)
-{
-    return perf_map.size;
+    return MAP->fd >= 0 && !_PyPerfOutput_IsOpenHere(MAP);
 }
 
 int
 _PyPerfMap_ForEachLineLocked(off_t from, perf_lines_handler handle,
                              void *arg)
 {
-    return _PyPerfFiles_ForEachLineChunk(perf_map.fd, from, perf_map.size,
-                                         handle, arg);
+    return _PyPerfFiles_ForEachLineChunk(MAP->fd, from, MAP->size, handle,
+                                         arg);
 }
 
 int
@@ -440,26 +391,53 @@ write_map_line(const void *code_addr, unsigned int code_size,
                const char *name)
 {
     _PyPerfFiles_Lock();
-    int res = _PyPerfMap_ReadyLocked();
+    int res = map_ready_locked();
     if (res == 0) {
         char *line = perf_map.api_line;
         perf_name_writer w = _PyPerfMap_StartEntry(line, code_addr,
                                                    code_size);
         put_utf8(&w, name);
-        res = _PyPerfMap_AppendLocked(line,
-                                      _PyPerfMap_FinishEntry(line, &w));
+        res = _PyPerfOutput_AppendLocked(MAP, line,
+                                         _PyPerfMap_FinishEntry(line, &w));
     }
     _PyPerfFiles_Unlock();
     return res;
 }
 
-void
-_PyPerfMap_SetError(void)
+/* The map line of a trampoline named as the map shows it. */
+static size_t
+encode_line(char *buf, uintptr_t addr, const char *name, size_t name_len,
+            uint64_t Py_UNUSED(made))
 {
-    char path[64];
-    _PyPerfMap_Path(path, sizeof(path), _PyPerfFiles_Pid());
-    _PyPerfFiles_SetError("perf map file", path, perf_map.refusal);
+    perf_name_writer w = _PyPerfMap_StartEntry(buf, (const void *)addr,
+                                               _PyPerfArena_TemplateSize());
+    memcpy(w.buf, name, name_len);
+    w.len = name_len;
+    return _PyPerfMap_FinishEntry(buf, &w);
 }
+
+static void
+map_close_locked(void)
+{
+    if (MAP->fd >= 0) {
+        close(MAP->fd);
+        MAP->fd = -1;
+    }
+    drop_inherited_map_locked();
+}
+
+perf_output _PyPerfMap_output = {
+    .what = "perf map file",
+    .path_format = "/tmp/perf-%ld.map",
+    .ready_locked = map_ready_locked,
+    .encode = encode_line,
+    .max_entry = PERF_MAX_LINE_BYTES,
+    .close_locked = map_close_locked,
+    /* Perf mode stops; perf reads the lines the map has. */
+    .restart_after_error = 0,
+    .wanted = 1,
+    .fd = -1,
+};
 
 /* ---------------------------------------------------------------------
    The perf-map C API (Include/cpython/perfmap.h).  The map functions may
@@ -470,7 +448,7 @@ int
 PyUnstable_PerfMapState_Init(void)
 {
     _PyPerfFiles_Lock();
-    int res = _PyPerfMap_ReadyLocked();
+    int res = map_ready_locked();
     _PyPerfFiles_Unlock();
     return res;
 }
@@ -500,11 +478,7 @@ PyUnstable_PerfMapState_Fini(void)
     _PyPerfFlusher_Stop();
     _PyPerfFiles_Lock();
     _PyPerfFlusher_FlushLocked();
-    if (perf_map.fd >= 0) {
-        close(perf_map.fd);
-        perf_map.fd = -1;
-    }
-    drop_inherited_map_locked();
+    map_close_locked();
     _PyPerfFiles_Unlock();
 }
 
@@ -528,7 +502,7 @@ PyUnstable_CopyPerfMapFile(const char *parent_filename)
     }
     if (res == 0) {
         _PyPerfFiles_Lock();
-        res = _PyPerfMap_ReadyLocked();
+        res = map_ready_locked();
         if (res == 0) {
             res = perf_map_copy_locked(fd, st.st_size);
         }

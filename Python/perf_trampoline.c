@@ -443,7 +443,7 @@ perf_map_prepare(void)
 {
     int res = PyUnstable_PerfMapState_Init();
     if (res < 0) {
-        _PyPerfMap_SetError();
+        _PyPerfOutput_SetError(&_PyPerfMap_output);
     }
     return res;
 }
@@ -538,20 +538,15 @@ _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
 static void
 warn_if_lines_lost(void)
 {
-    int map_err, jitdump_err;
-    _PyPerfFlusher_TakeErrors(&map_err, &jitdump_err);
-    if (hook.failure_reported || (map_err == 0 && jitdump_err == 0)) {
+    perf_output *failed = _PyPerfFlusher_TakeError();
+    if (hook.failure_reported || failed == NULL) {
         return;
     }
+    int err = errno;
     char path[64];
-    if (map_err != 0) {
-        _PyPerfMap_Path(path, sizeof(path), _PyPerfFiles_Pid());
-    }
-    else {
-        _PyPerfJit_Path(path, sizeof(path), _PyPerfFiles_Pid());
-    }
+    _PyPerfOutput_Path(failed, path, sizeof(path));
     fprintf(stderr, "python: perf support disabled: cannot write %s: %s\n",
-            path, strerror(map_err != 0 ? map_err : jitdump_err));
+            path, strerror(err));
 }
 
 void

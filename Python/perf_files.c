@@ -166,6 +166,7 @@ int
 _PyPerfFiles_ForEachLineChunk(int src_fd, off_t offset, off_t size,
                               perf_lines_handler handle, void *arg)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     char *buf = files.chunk;
     while (offset < size) {
         size_t want = sizeof(files.chunk);
@@ -209,6 +210,7 @@ _PyPerfOutput_Path(const perf_output *out, char *buf, size_t size)
 int
 _PyPerfOutput_OpenLocked(perf_output *out)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     char path[64];
     pid_t pid = _PyPerfFiles_Pid();
     _PyPerfOutput_Path(out, path, sizeof(path));

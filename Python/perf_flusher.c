@@ -100,6 +100,7 @@ init_flusher_conditions(void)
 void
 _PyPerfFlusher_WaitLocked(void)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     while (pending.writing) {
         pthread_cond_wait(&pending.written, &_PyPerfFiles_mutex);
     }
@@ -138,6 +139,7 @@ static size_t
 put_display_name(const line_record *record, const char *name)
 {
     if (!record->name_is_raw) {
+        assert(record->name_len <= sizeof(pending.name));
         memcpy(pending.name, name, record->name_len);
         return record->name_len;
     }
@@ -168,9 +170,11 @@ write_records(const char *records, size_t len, const int to[N_OUTPUTS],
             if (PENDING_BYTES - area->len < outputs[i]->max_entry) {
                 write_encoded(i, err);
             }
-            area->len += outputs[i]->encode(area->data + area->len,
-                                            record.addr, pending.name,
-                                            name_len, record.timestamp);
+            size_t n = outputs[i]->encode(area->data + area->len,
+                                          record.addr, pending.name,
+                                          name_len, record.timestamp);
+            assert(n <= outputs[i]->max_entry);
+            area->len += n;
         }
     }
     for (int i = 0; i < N_OUTPUTS; i++) {
@@ -222,6 +226,7 @@ choose_outputs_locked(int to[N_OUTPUTS])
 void
 _PyPerfFlusher_FlushLocked(void)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     _PyPerfFlusher_WaitLocked();
     int to[N_OUTPUTS];
     choose_outputs_locked(to);
@@ -238,6 +243,7 @@ _PyPerfFlusher_FlushLocked(void)
 static void
 copy_inherited_lines_locked(void)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     if (!_PyPerfMap_HasInheritedLocked()) {
         return;
     }
@@ -263,6 +269,7 @@ copy_inherited_lines_locked(void)
 static void
 adopt_parent_lines_locked(void)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     pending.adopt = 0;
     for (int i = 0; i < N_OUTPUTS; i++) {
         perf_output *out = outputs[i];
@@ -313,6 +320,7 @@ write_due_entries_locked(void)
 static perf_output *
 take_error_locked(void)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     perf_output *failed = NULL;
     int failed_errno = 0;
     for (int i = 0; i < N_OUTPUTS; i++) {
@@ -495,9 +503,11 @@ schedule_flusher_locked(void)
 static int
 make_room_locked(entry_buffer *buffer, size_t len)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     if (buffer->len + len > PENDING_BYTES) {
         _PyPerfFlusher_FlushLocked();
     }
+    assert(buffer->len + len <= PENDING_BYTES);
     return schedule_flusher_locked();
 }
 
@@ -509,6 +519,7 @@ void
 _PyPerfFlusher_QueueJitdumpLocked(uintptr_t addr, const char *name,
                                   size_t name_len)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     entry_buffer *fill = &pending.dump_fill;
     int no_flusher = make_room_locked(fill, PERF_MAX_JITDUMP_BYTES) < 0;
     fill->len += outputs[DUMP]->encode(fill->data + fill->len, addr, name,
@@ -591,6 +602,7 @@ put_record_name(char *name, PyCodeObject *co, uint32_t *is_raw)
 static void
 queue_code_record_locked(py_trampoline code, PyCodeObject *co)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     int no_flusher = make_room_locked(&pending.records,
                                       MAX_RECORD_BYTES) < 0;
     line_record record = {(uintptr_t)code,

@@ -26,6 +26,7 @@
 
 #include "pycore_frame.h"         // _PyInterpreterFrame
 
+#include <errno.h>                // EBUSY
 #include <pthread.h>
 #include <sys/types.h>            // off_t, pid_t
 
@@ -96,6 +97,10 @@ extern void _PyPerfFiles_RefreshPid(void);
 extern pthread_mutex_t _PyPerfFiles_mutex;
 extern void _PyPerfFiles_Lock(void);
 extern void _PyPerfFiles_Unlock(void);
+/* Debug builds check that "locked" functions run with the lock held (by
+   some thread: a mutex cannot tell which). */
+#define _PyPerfFiles_ASSERT_LOCKED() \
+    assert(pthread_mutex_trylock(&_PyPerfFiles_mutex) == EBUSY)
 
 extern void _PyPerfFiles_CloseKeepingErrno(int fd);
 

@@ -92,6 +92,7 @@ _PyPerfJit_Now(void)
 static void
 jitdump_close_locked(void)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     _PyPerfFlusher_FlushLocked();
     if (_PyPerfOutput_IsOpenHere(DUMP) && _PyPerfOutput_IsOpenHere(MAP)) {
         /* Every trampoline the map lists is in the dump now: opened again
@@ -115,6 +116,7 @@ jitdump_close_locked(void)
 static int
 jitdump_open_locked(void)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     jitdump.unwind = _PyPerfUnwind_Tables();
     if (jitdump.unwind == NULL || _PyPerfOutput_OpenLocked(DUMP) < 0) {
         return -1;
@@ -254,6 +256,7 @@ _PyPerfJit_AddMapLinesLocked(off_t from)
 static int
 dump_ready_locked(void)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     if (_PyPerfOutput_IsOpenHere(DUMP)) {
         return 0;
     }

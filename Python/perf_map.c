@@ -64,6 +64,7 @@ drop_inherited_map_locked(void)
 static int
 perf_map_fork_locked(void)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     int parent_fd = MAP->fd;
     off_t parent_size = MAP->size;
     /* The parent copied its own parent's lines before it forked. */
@@ -82,6 +83,7 @@ perf_map_fork_locked(void)
 static int
 map_ready_locked(void)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     if (_PyPerfOutput_IsOpenHere(MAP)) {
         return 0;
     }
@@ -105,6 +107,7 @@ int
 _PyPerfMap_ForEachLineLocked(off_t from, perf_lines_handler handle,
                              void *arg)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     return _PyPerfFiles_ForEachLineChunk(MAP->fd, from, MAP->size, handle,
                                          arg);
 }
@@ -118,6 +121,7 @@ _PyPerfMap_HasInheritedLocked(void)
 int
 _PyPerfMap_CopyInheritedLocked(void)
 {
+    _PyPerfFiles_ASSERT_LOCKED();
     int res = perf_map_copy_locked(perf_map.inherited_fd,
                                    perf_map.inherited_size);
     int saved_errno = errno;

@@ -28,9 +28,10 @@ installed_of_ours() {
     done
 }
 
-# The chain py::baz -> py::bar -> py::foo, outermost first, in a report.
-shows_chain() {
-    grep -o 'py::[a-z]*:' "$1" | tr -d '\n' | grep 'py::baz:py::bar:py::foo:' >/dev/null
+# The hottest report entry with py::baz -> py::bar -> py::foo in one
+# stack, in that order (driver/report_excerpt.py); non-zero if none has it.
+chain_excerpt() {
+    /usr/bin/python3.11 /root/report_excerpt.py "$1" 2>>"$LOG"
 }
 
 install_debian_python() {
@@ -58,7 +59,8 @@ upgrade_to_ours() {
 }
 
 check_sysconfig() {
-    /usr/bin/python3.11 -m sysconfig >/root/sysconfig.txt
+    /usr/bin/python3.11 -m sysconfig >/root/sysconfig.txt ||
+        fail "python3.11 -m sysconfig"
     grep 'PY_HAVE_PERF_TRAMPOLINE = "1"' /root/sysconfig.txt >/dev/null ||
         fail "sysconfig has no PY_HAVE_PERF_TRAMPOLINE = \"1\""
     grep -E '^\s*CONFIGURE_CFLAGS = .*-fno-omit-frame-pointer' \
@@ -86,13 +88,13 @@ profile() {
 
 check_perf() {
     profile perf /root/report-perf.txt
-    shows_chain /root/report-perf.txt ||
+    local excerpt
+    excerpt=$(chain_excerpt /root/report-perf.txt) ||
         fail "perf report of -X perf shows no py::baz -> py::bar -> py::foo chain"
     say "perf record -g /usr/bin/python3.11 -X perf seed.py: py::baz -> py::bar -> py::foo"
-    /usr/bin/python3.11 /root/report_excerpt.py /root/report-perf.txt \
-        | sed -n 's/^/    /; 1,20p'
+    printf '%s\n' "$excerpt" | sed -n 's/^/    /; 1,20p'
     profile perf_jit /root/report-perf_jit.txt --call-graph dwarf -k 1
-    shows_chain /root/report-perf_jit.txt ||
+    chain_excerpt /root/report-perf_jit.txt >/dev/null ||
         fail "perf report of -X perf_jit shows no py::baz -> py::bar -> py::foo chain"
     say "perf record --call-graph dwarf ... -X perf_jit, perf inject --jit: py::baz -> py::bar -> py::foo"
 }
@@ -105,7 +107,8 @@ check_numpy() {
     out=$(/usr/bin/python3.11 -X perf -c '
 import os, numpy
 a = numpy.arange(1000, dtype=numpy.float64)
-print(os.getpid(), float(a @ a), numpy.linalg.inv(numpy.eye(3) * 2)[0, 0])')
+print(os.getpid(), float(a @ a), numpy.linalg.inv(numpy.eye(3) * 2)[0, 0])') ||
+        fail "python3.11 -X perf with numpy exited with status $?"
     read -r pid result inverse <<<"$out"
     [ "$result" = 332833500.0 ] && [ "$inverse" = 0.5 ] ||
         fail "numpy under -X perf computed $out"

@@ -4,7 +4,8 @@ holds the demo's Python frames (py::baz -> py::bar -> py::foo)."""
 import re
 import sys
 
-WANTED = ("py::baz:", "py::bar:", "py::foo:")
+WANTED = ["baz", "bar", "foo"]
+PY_FRAME = re.compile(r"\bpy::([^:\s]+):")
 
 
 def entries(lines):
@@ -20,11 +21,19 @@ def entries(lines):
         yield entry
 
 
+def shows_chain(entry):
+    """Does one stack of the entry hold the wanted Python frames, one
+    calling the next?  (perf report -g caller lists a stack outermost
+    first.)"""
+    frames = PY_FRAME.findall("\n".join(entry))
+    return any(frames[i:i + len(WANTED)] == WANTED
+               for i in range(len(frames)))
+
+
 def main(path):
     with open(path, encoding="utf-8", errors="replace") as report:
         for entry in entries(report):
-            text = "\n".join(entry)
-            if all(name in text for name in WANTED):
+            if shows_chain(entry):
                 print("\n".join(line for line in entry if line.strip()))
                 return 0
     print("no entry shows the py::baz -> py::bar -> py::foo chain",

@@ -62,8 +62,8 @@ class DebTreeTests(unittest.TestCase):
                     f"print-{name}"], cwd=self.tree).stdout.strip()
 
     def test_our_patch_applies_last_without_fuzz(self):
-        out = run(["dpkg-source", "--before-build", self.tree]).stdout
-        self.assertNotRegex(out, r"fuzz|offset|FAILED")
+        # dpkg-source applies with -F 0 and fails (run() raises) on fuzz.
+        run(["dpkg-source", "--before-build", self.tree])
         with open(os.path.join(self.tree, ".pc", "applied-patches")) as f:
             self.assertEqual(f.read().split()[-1], "cpython-perf.patch")
         # A new file, so only our patch can have made it.

@@ -314,15 +314,15 @@ write_due_entries_locked(void)
     pthread_cond_broadcast(&pending.written);
 }
 
-/* Deferred writes that failed, now reported: returns the first failing
-   output with errno set to its error, or NULL; all are forgotten.  A
-   file that restarts after an error is closed, to start anew. */
+/* A deferred write that failed, now reported: returns the first failing
+   output with errno set to its error, or NULL.  Only that error is
+   forgotten; another output's stays for the next call, so that each loss
+   is reported.  An output that restarts after an error is closed, to
+   start anew. */
 static perf_output *
 take_error_locked(void)
 {
     _PyPerfFiles_ASSERT_LOCKED();
-    perf_output *failed = NULL;
-    int failed_errno = 0;
     for (int i = 0; i < N_OUTPUTS; i++) {
         perf_output *out = outputs[i];
         int err = out->error;
@@ -334,13 +334,11 @@ take_error_locked(void)
             out->close_locked();
             out->owner = 0;
         }
-        if (failed == NULL) {
-            failed = out;
-            failed_errno = err;
-        }
+        errno = err;
+        return out;
     }
-    errno = failed_errno;
-    return failed;
+    errno = 0;
+    return NULL;
 }
 
 void
@@ -521,9 +519,12 @@ _PyPerfFlusher_QueueJitdumpLocked(uintptr_t addr, const char *name,
 {
     _PyPerfFiles_ASSERT_LOCKED();
     entry_buffer *fill = &pending.dump_fill;
+    assert(name_len <= PERF_MAX_NAME_BYTES);
     int no_flusher = make_room_locked(fill, PERF_MAX_JITDUMP_BYTES) < 0;
-    fill->len += outputs[DUMP]->encode(fill->data + fill->len, addr, name,
+    size_t len = outputs[DUMP]->encode(fill->data + fill->len, addr, name,
                                        name_len, _PyPerfJit_Now());
+    assert(len <= PERF_MAX_JITDUMP_BYTES);
+    fill->len += len;
     if (no_flusher) {
         _PyPerfFlusher_FlushLocked();
     }

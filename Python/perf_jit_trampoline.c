@@ -202,15 +202,21 @@ encode_load(char *buf, uintptr_t addr, const char *name, size_t name_len,
     return unwinding_len + load_len;
 }
 
-/* The address and name of a map line of ours ("<addr> <size> py::..."),
-   or 0 for a line of someone else's (the PyUnstable API's users). */
+/* The address and name of a map line of ours ("<addr> <size> py::...",
+   line ending in "\n"), or 0 for any other line: the PyUnstable API's
+   users', an empty one, or one with a name longer than ours can be.
+   strtoull() would skip blanks, "\n" too, into the next line: each
+   number must start with a hex digit of this line. */
 static uintptr_t
 parse_own_line(const char *line, size_t len, const char **name,
                size_t *name_len)
 {
+    if (!Py_ISXDIGIT(line[0])) {
+        return 0;
+    }
     char *end;
     uintptr_t addr = (uintptr_t)strtoull(line, &end, 16);
-    if (*end != ' ') {
+    if (*end != ' ' || !Py_ISXDIGIT(end[1])) {
         return 0;
     }
     unsigned long long size = strtoull(end + 1, &end, 16);
@@ -222,6 +228,9 @@ parse_own_line(const char *line, size_t len, const char **name,
     }
     *name = end + 1;
     *name_len = (size_t)(line + len - *name);
+    if (*name_len > PERF_MAX_NAME_BYTES) {
+        return 0;
+    }
     return addr;
 }
 

@@ -125,7 +125,7 @@ static struct {
     Py_ssize_t fast_index;      /* our co_extra index in fast_interp */
     /* Set once a failure has turned perf mode off with a warning: lines
        still buffered then may fail to be written too, and one warning is
-       enough. */
+       enough.  Cleared when perf mode is turned on again. */
     int failure_reported;
     int adoption_pending;       /* a forked child without its own map */
 } hook;
@@ -485,6 +485,8 @@ activate(PyThreadState *tstate, int backend)
         return -1;
     }
     _PyInterpreterState_SetEvalFrameFunc(interp, py_trampoline_evaluator);
+    /* A failure from now on is a new one, to be reported. */
+    hook.failure_reported = 0;
     return 0;
 }
 
@@ -533,20 +535,23 @@ _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
     }
 }
 
-/* Report a deferred write that failed after the last trampoline was made,
-   so that no later one reported it. */
+/* Report the deferred writes that failed after the last trampoline was
+   made, so that no later one reported them: one warning per file. */
 static void
 warn_if_lines_lost(void)
 {
-    perf_output *failed = _PyPerfFlusher_TakeError();
-    if (hook.failure_reported || failed == NULL) {
-        return;
+    perf_output *failed;
+    while ((failed = _PyPerfFlusher_TakeError()) != NULL) {
+        int err = errno;
+        if (hook.failure_reported) {
+            continue;
+        }
+        char path[64];
+        _PyPerfOutput_Path(failed, path, sizeof(path));
+        fprintf(stderr,
+                "python: perf support disabled: cannot write %s: %s\n",
+                path, strerror(err));
     }
-    int err = errno;
-    char path[64];
-    _PyPerfOutput_Path(failed, path, sizeof(path));
-    fprintf(stderr, "python: perf support disabled: cannot write %s: %s\n",
-            path, strerror(err));
 }
 
 void

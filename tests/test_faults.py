@@ -186,6 +186,45 @@ class FaultTests(unittest.TestCase):
         self.assertIn("/tmp/jit-", warnings[0])
         self.assertIsNone(loads)
 
+    def test_both_files_fail_each_reported(self):
+        # The map's and the dump's writes both fail; the map's failure turns
+        # perf mode off.  Turning it on again reports the dump's, which
+        # was not forgotten with the map's: each loss gets its warning.
+        script = WORK + """
+print(sys.is_stack_trampoline_active())
+sys.activate_stack_trampoline("perf_jit")
+def after(): return 1
+print(after(), sys.is_stack_trampoline_active())
+"""
+        pid, out, warnings = self.run_under_shim(
+            {"FAULT_FILE": "both", "FAULT_MAP_WRITE": errno.ENOSPC,
+             "FAULT_AFTER": 3}, ("-X", "perf_jit"), script)
+        self.map_names(pid)
+        self.jitdump_loads(pid)
+        self.assertEqual(out, f"{EXPECTED}False\n1 False\n")
+        self.assertEqual(len(warnings), 2, warnings)
+        for warning, path in zip(warnings, ("/tmp/perf-", "/tmp/jit-")):
+            self.assertTrue(warning.startswith(WARNING), warnings)
+            self.assertIn("No space left on device", warning)
+            self.assertIn(path, warning)
+
+    def test_both_files_fail_after_the_last_trampoline(self):
+        # Only finalization is left to report them: one warning per file.
+        script = ("import os, sys\n"
+                  "print('pid', os.getpid(), file=sys.stderr)\n"
+                  "def only(): return 7\n"
+                  "print(only())\n")
+        pid, out, warnings = self.run_under_shim(
+            {"FAULT_FILE": "both", "FAULT_MAP_WRITE": errno.ENOSPC,
+             "FAULT_AFTER": 1}, ("-X", "perf_jit"), script)
+        self.map_names(pid)
+        self.jitdump_loads(pid)
+        self.assertEqual(out, "7\n")
+        self.assertEqual(len(warnings), 2, warnings)
+        for warning, path in zip(warnings, ("/tmp/perf-", "/tmp/jit-")):
+            self.assertIn("No space left on device", warning)
+            self.assertIn(path, warning)
+
     def test_no_thread_for_the_flusher(self):
         # Without the helper thread every line is written at once: all of
         # them are in the map before the process exits, with no warning.

@@ -10,6 +10,7 @@ import unittest
 
 from support import (PATCHED, ROOT, clean_env, include_flags, python,
                      read_map_entries, run)
+from test.test_perf_profiler import read_jitdump, remove_jit_files
 
 API = ["PyUnstable_PerfMapState_Init", "PyUnstable_WritePerfMapEntry",
        "PyUnstable_PerfMapState_Fini", "PyUnstable_CopyPerfMapFile",
@@ -38,11 +39,11 @@ class PerfMapAPITests(unittest.TestCase):
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp)
 
-    def run_script(self, script, *args):
+    def run_script(self, script, *args, timeout=None):
         code = (f"import sys; sys.path.insert(0, {self.tmp!r})\n"
                 + textwrap.dedent(script))
         return run([python(PATCHED), *args, "-c", code],
-                   env=clean_env()).stdout
+                   env=clean_env(), timeout=timeout).stdout
 
     def test_symbols_exported(self):
         symbols = run(["nm", "-D", "--defined-only",
@@ -134,6 +135,48 @@ class PerfMapAPITests(unittest.TestCase):
         self.assertEqual(list(parent_entries), ["ext::parent"])
         self.assertIn("ext::parent", child_entries)
         self.assertIn("ext::child", child_entries)
+
+    def test_copied_lines_naming_our_trampolines(self):
+        # A copied file's lines get into the dump of a later perf_jit if
+        # they name one of our trampolines as we do.  An empty line must
+        # not make the next line's number this one's, and a name longer
+        # than ours can be must not get in (it once overran the dump's
+        # buffer and hung the process).
+        out = self.run_script("""
+            import os, sys, perfmap_ext
+            sys.activate_stack_trampoline("perf")
+            def mine(): return 1
+            mine()
+            sys.deactivate_stack_trampoline()
+            pid = os.getpid()
+            with open(f"/tmp/perf-{pid}.map") as f:
+                addr = next(line.split()[0] for line in f
+                            if line.split()[2].startswith("py::mine:"))
+            copied = f"/tmp/perfmap-copied-{pid}.txt"
+            with open(copied, "w") as f:
+                f.write(f"\\n{addr} 8 py::copied\\n")
+                f.write(f" {addr} 8 py::blank_first\\n")
+                f.write(f"{addr}  8 py::two_blanks\\n")
+                for i in range(40):
+                    f.write(f"{addr} 8 py::{'L' * 20_000}\\n")
+            assert perfmap_ext.copy_file(copied) == (0, 0)
+            os.unlink(copied)
+            sys.activate_stack_trampoline("perf_jit")
+            def later(): return 2
+            later()
+            sys.deactivate_stack_trampoline()
+            print(pid)
+        """, timeout=60)
+        pid = int(out)
+        try:
+            _, loads = read_jitdump(pid)
+        finally:
+            remove_jit_files(pid)
+            os.unlink(f"/tmp/perf-{pid}.map")   # holds the copied lines
+        names = sorted(load["name"].split(":")[2] for load in loads)
+        self.assertEqual(names, ["copied", "later", "mine"])
+        addrs = {load["name"].split(":")[2]: load["addr"] for load in loads}
+        self.assertEqual(addrs["copied"], addrs["mine"])
 
     def test_compile_code_before_first_run(self):
         for args in (("-X", "perf"), ()):

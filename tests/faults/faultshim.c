@@ -22,7 +22,8 @@
                            errno E; with E=0 it writes half of the buffer
                            (a short write) and then fails with ENOSPC.
      FAULT_FILE=jitdump    FAULT_MAP_OPEN and FAULT_MAP_WRITE act on
-                           /tmp/jit-*.dump files (perf_jit) instead.
+                           /tmp/jit-*.dump files (perf_jit) instead;
+     FAULT_FILE=both       on both kinds of file.
      FAULT_THREAD=E        pthread_create() fails with E (a number): the
                            process is out of threads.
      FAULT_AFTER=N         the first N calls that match succeed.  */
@@ -46,8 +47,8 @@ static int map_open_errno;
 static int map_write_errno = -1;
 static int thread_errno;
 static long passes_left;
-static const char *target_prefix = "/tmp/perf-";
-static const char *target_suffix = ".map";
+static int target_map = 1;
+static int target_jitdump = 0;
 
 static long
 env_number(const char *name, long fallback)
@@ -67,9 +68,9 @@ read_config(void)
     thread_errno = (int)env_number("FAULT_THREAD", 0);
     passes_left = env_number("FAULT_AFTER", 0);
     const char *file = getenv("FAULT_FILE");
-    if (file != NULL && strcmp(file, "jitdump") == 0) {
-        target_prefix = "/tmp/jit-";
-        target_suffix = ".dump";
+    if (file != NULL) {
+        target_map = strcmp(file, "both") == 0;
+        target_jitdump = target_map || strcmp(file, "jitdump") == 0;
     }
 }
 
@@ -84,15 +85,22 @@ should_fail(void)
     return 1;
 }
 
+static int
+has_form(const char *path, const char *prefix, const char *suffix)
+{
+    size_t len = path != NULL ? strlen(path) : 0;
+    size_t prefix_len = strlen(prefix), suffix_len = strlen(suffix);
+    return len > prefix_len + suffix_len
+           && strncmp(path, prefix, prefix_len) == 0
+           && strcmp(path + len - suffix_len, suffix) == 0;
+}
+
 /* One of the files faults are aimed at (FAULT_FILE)? */
 static int
 is_target_path(const char *path)
 {
-    size_t len = path != NULL ? strlen(path) : 0;
-    size_t prefix = strlen(target_prefix), suffix = strlen(target_suffix);
-    return len > prefix + suffix
-           && strncmp(path, target_prefix, prefix) == 0
-           && strcmp(path + len - suffix, target_suffix) == 0;
+    return (target_map && has_form(path, "/tmp/perf-", ".map"))
+           || (target_jitdump && has_form(path, "/tmp/jit-", ".dump"));
 }
 
 static int

@@ -251,11 +251,7 @@ copy_inherited_lines_locked(void)
     if (_PyPerfMap_CopyInheritedLocked() < 0) {
         outputs[MAP]->error = errno;
     }
-    else if (_PyPerfOutput_IsOpenHere(outputs[DUMP])
-             && _PyPerfJit_AddMapLinesLocked(from) < 0)
-    {
-        outputs[DUMP]->error = errno;
-    }
+    _PyPerfJit_AddCopiedLinesLocked(from);
 }
 
 /* A forked child that has run Python for FLUSH_DELAY_NS (a worker, not a
@@ -314,26 +310,31 @@ write_due_entries_locked(void)
     pthread_cond_broadcast(&pending.written);
 }
 
-/* A deferred write that failed, now reported: returns the first failing
-   output with errno set to its error, or NULL.  Only that error is
-   forgotten; another output's stays for the next call, so that each loss
-   is reported.  An output that restarts after an error is closed, to
-   start anew. */
+/* A deferred write that failed, to be reported now: returns the first
+   failing output whose loss was not reported yet, with errno set to its
+   error, or NULL.  Only that error is taken; another output's stays for
+   the next call, so that each loss is reported once.  An output that
+   restarts after an error is closed, to start anew. */
 static perf_output *
 take_error_locked(void)
 {
     _PyPerfFiles_ASSERT_LOCKED();
     for (int i = 0; i < N_OUTPUTS; i++) {
         perf_output *out = outputs[i];
-        int err = out->error;
-        if (err == 0) {
+        if (out->error == 0) {
             continue;
         }
-        out->error = 0;
         if (out->restart_after_error) {
             out->close_locked();
             out->owner = 0;
         }
+        /* After the close: it writes what is pending, which fails too. */
+        int err = out->error;
+        out->error = 0;
+        if (out->loss_reported) {
+            continue;
+        }
+        out->loss_reported = 1;
         errno = err;
         return out;
     }
@@ -453,6 +454,12 @@ fork_child(void)
     pending.flusher_owner = 0;
     pending.adopt = 0;              /* the child's first frame decides */
     init_flusher_conditions();      /* it may have had the flusher waiting */
+    /* A failed write was the parent's, to its files: the parent reports
+       it. */
+    for (int i = 0; i < N_OUTPUTS; i++) {
+        outputs[i]->error = 0;
+        outputs[i]->loss_reported = 0;
+    }
     pthread_mutex_unlock(&_PyPerfFiles_mutex);
     _PyPerfTrampoline_AfterFork();
 }
@@ -665,6 +672,16 @@ _PyPerfFlusher_TakeError(void)
     perf_output *failed = take_error_locked();
     _PyPerfFiles_Unlock();
     return failed;
+}
+
+void
+_PyPerfFlusher_NewSession(void)
+{
+    _PyPerfFiles_Lock();
+    for (int i = 0; i < N_OUTPUTS; i++) {
+        outputs[i]->loss_reported = 0;
+    }
+    _PyPerfFiles_Unlock();
 }
 
 #endif  /* PY_HAVE_PERF_TRAMPOLINE */

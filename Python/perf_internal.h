@@ -130,7 +130,11 @@ typedef struct {
     off_t size;                 /* bytes of complete entries in it */
     const char *refusal;        /* why an existing file was refused */
     int error;                  /* errno of a deferred write that failed,
-                                   until reported; 0 if none */
+                                   until taken; 0 if none */
+    /* A loss of entries was reported since perf mode was last turned on:
+       the failures that follow (lines still buffered then) are the same
+       loss, and perf mode is off. */
+    int loss_reported;
 } perf_output;
 
 extern void _PyPerfOutput_Path(const perf_output *out, char *buf,
@@ -218,8 +222,10 @@ extern void _PyPerfFlusher_QueueJitdumpLocked(uintptr_t addr,
    its parent's lines, soon (see perf_flusher.c). */
 extern void _PyPerfFlusher_ScheduleAdoption(void);
 /* A deferred write that failed and was not reported yet: its output, with
-   errno set, and forgotten; or NULL. */
+   errno set, and forgotten; or NULL.  The caller reports it. */
 extern perf_output *_PyPerfFlusher_TakeError(void);
+/* Perf mode is turned on: failures from now on are new losses. */
+extern void _PyPerfFlusher_NewSession(void);
 
 
 /* perf_jit_trampoline.c */
@@ -243,6 +249,9 @@ extern int _PyPerfJit_SetWanted(int wanted);
 /* Queue the records of the trampolines of the map's lines from byte
    `from` on.  Locked. */
 extern int _PyPerfJit_AddMapLinesLocked(off_t from);
+/* Lines were appended to the map from byte `from` on (a copy): an open
+   dump gets the trampolines of ours they name.  Locked. */
+extern void _PyPerfJit_AddCopiedLinesLocked(off_t from);
 /* The clock of the records (perf record -k 1). */
 extern uint64_t _PyPerfJit_Now(void);
 

@@ -202,11 +202,27 @@ encode_load(char *buf, uintptr_t addr, const char *name, size_t name_len,
     return unwinding_len + load_len;
 }
 
+/* Does the name hold only what perf_map.c writes: no control characters
+   (it escapes them), which would end the dump's name early (NUL) or break
+   the lines of perf's reports? */
+static int
+is_name_like_ours(const char *name, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)name[i];
+        if (c < 0x20 || c == 0x7f) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* The address and name of a map line of ours ("<addr> <size> py::...",
    line ending in "\n"), or 0 for any other line: the PyUnstable API's
-   users', an empty one, or one with a name longer than ours can be.
-   strtoull() would skip blanks, "\n" too, into the next line: each
-   number must start with a hex digit of this line. */
+   users', an empty one, or one with a name longer than ours can be or
+   with characters ours never has.  strtoull() would skip blanks, "\n"
+   too, into the next line: each number must start with a hex digit of
+   this line. */
 static uintptr_t
 parse_own_line(const char *line, size_t len, const char **name,
                size_t *name_len)
@@ -228,7 +244,9 @@ parse_own_line(const char *line, size_t len, const char **name,
     }
     *name = end + 1;
     *name_len = (size_t)(line + len - *name);
-    if (*name_len > PERF_MAX_NAME_BYTES) {
+    if (*name_len > PERF_MAX_NAME_BYTES
+        || !is_name_like_ours(*name, *name_len))
+    {
         return 0;
     }
     return addr;
@@ -256,6 +274,19 @@ int
 _PyPerfJit_AddMapLinesLocked(off_t from)
 {
     return _PyPerfMap_ForEachLineLocked(from, add_map_lines_to_jitdump, NULL);
+}
+
+void
+_PyPerfJit_AddCopiedLinesLocked(off_t from)
+{
+    _PyPerfFiles_ASSERT_LOCKED();
+    int saved_errno = errno;
+    if (_PyPerfOutput_IsOpenHere(DUMP)
+        && _PyPerfJit_AddMapLinesLocked(from) < 0)
+    {
+        DUMP->error = errno;
+    }
+    errno = saved_errno;
 }
 
 /* Make sure this process's dump is open.  It gets the trampolines of ours

@@ -508,7 +508,9 @@ PyUnstable_CopyPerfMapFile(const char *parent_filename)
         _PyPerfFiles_Lock();
         res = map_ready_locked();
         if (res == 0) {
+            off_t from = MAP->size;
             res = perf_map_copy_locked(fd, st.st_size);
+            _PyPerfJit_AddCopiedLinesLocked(from);
         }
         _PyPerfFiles_Unlock();
     }

@@ -123,10 +123,6 @@ static struct {
        frame took the slow path.  NULL: none. */
     PyInterpreterState *fast_interp;
     Py_ssize_t fast_index;      /* our co_extra index in fast_interp */
-    /* Set once a failure has turned perf mode off with a warning: lines
-       still buffered then may fail to be written too, and one warning is
-       enough.  Cleared when perf mode is turned on again. */
-    int failure_reported;
     int adoption_pending;       /* a forked child without its own map */
 } hook;
 
@@ -227,7 +223,6 @@ disable_after_failure(PyThreadState *tstate)
     fprintf(stderr, "python: perf support disabled: %s\n",
             text ? text : "cannot create a trampoline");
     fflush(stderr);
-    hook.failure_reported = 1;
     PyErr_Clear();
     Py_XDECREF(msg);
     Py_XDECREF(type);
@@ -464,6 +459,23 @@ refuse_foreign_hook(PyInterpreterState *interp)
     return 0;
 }
 
+/* Report the deferred writes that failed and were not reported yet (after
+   the last trampoline was made, or by a file perf mode turned off since):
+   one warning per file. */
+static void
+warn_if_lines_lost(void)
+{
+    perf_output *failed;
+    while ((failed = _PyPerfFlusher_TakeError()) != NULL) {
+        int err = errno;
+        char path[64];
+        _PyPerfOutput_Path(failed, path, sizeof(path));
+        fprintf(stderr,
+                "python: perf support disabled: cannot write %s: %s\n",
+                path, strerror(err));
+    }
+}
+
 /* Turn perf mode on with a backend, or switch an active one to it (as in
    CPython 3.13: the other backend's output is closed).  Returns -1 with
    an exception if perf mode cannot be turned on; the interpreter then
@@ -475,6 +487,9 @@ activate(PyThreadState *tstate, int backend)
     if (refuse_foreign_hook(interp) < 0) {
         return -1;
     }
+    /* Losses of the last time on are told now, and a dump that lost
+       records starts anew; they do not stop this time. */
+    warn_if_lines_lost();
     if (use_code_extra_index(interp) < 0 || perf_map_prepare() < 0
         || _PyPerfJit_SetWanted(backend == PERF_JIT) < 0)
     {
@@ -485,8 +500,7 @@ activate(PyThreadState *tstate, int backend)
         return -1;
     }
     _PyInterpreterState_SetEvalFrameFunc(interp, py_trampoline_evaluator);
-    /* A failure from now on is a new one, to be reported. */
-    hook.failure_reported = 0;
+    _PyPerfFlusher_NewSession();
     return 0;
 }
 
@@ -532,25 +546,6 @@ _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
     }
     if (activate(tstate, backend) < 0) {
         disable_after_failure(tstate);
-    }
-}
-
-/* Report the deferred writes that failed after the last trampoline was
-   made, so that no later one reported them: one warning per file. */
-static void
-warn_if_lines_lost(void)
-{
-    perf_output *failed;
-    while ((failed = _PyPerfFlusher_TakeError()) != NULL) {
-        int err = errno;
-        if (hook.failure_reported) {
-            continue;
-        }
-        char path[64];
-        _PyPerfOutput_Path(failed, path, sizeof(path));
-        fprintf(stderr,
-                "python: perf support disabled: cannot write %s: %s\n",
-                path, strerror(err));
     }
 }
 

@@ -186,13 +186,33 @@ class FaultTests(unittest.TestCase):
         self.assertIn("/tmp/jit-", warnings[0])
         self.assertIsNone(loads)
 
+    def assert_warnings_name(self, warnings, paths):
+        """One warning per lost file, in order: paths are their prefixes."""
+        self.assertEqual(len(warnings), len(paths), warnings)
+        for warning, path in zip(warnings, paths):
+            self.assertTrue(warning.startswith(WARNING), warnings)
+            self.assertIn("No space left on device", warning)
+            self.assertIn(path, warning)
+
     def test_both_files_fail_each_reported(self):
         # The map's and the dump's writes both fail; the map's failure turns
-        # perf mode off.  Turning it on again reports the dump's, which
-        # was not forgotten with the map's: each loss gets its warning.
+        # perf mode off with a warning, the dump's is told at exit.
+        pid, out, warnings = self.run_under_shim(
+            {"FAULT_FILE": "both", "FAULT_MAP_WRITE": errno.ENOSPC,
+             "FAULT_AFTER": 3}, ("-X", "perf_jit"),
+            WORK + "print(sys.is_stack_trampoline_active())\n")
+        self.map_names(pid)
+        self.jitdump_loads(pid)
+        self.assertEqual(out, f"{EXPECTED}False\n")
+        self.assert_warnings_name(warnings, ["/tmp/perf-", "/tmp/jit-"])
+
+    def test_turned_on_again_after_losses(self):
+        # Turning perf mode on again tells the dump's loss first, and the
+        # "perf" backend, which writes no dump, is not stopped by it: it
+        # runs until the map fails again (at exit), a new loss.
         script = WORK + """
 print(sys.is_stack_trampoline_active())
-sys.activate_stack_trampoline("perf_jit")
+sys.activate_stack_trampoline("perf")
 def after(): return 1
 print(after(), sys.is_stack_trampoline_active())
 """
@@ -201,12 +221,49 @@ print(after(), sys.is_stack_trampoline_active())
              "FAULT_AFTER": 3}, ("-X", "perf_jit"), script)
         self.map_names(pid)
         self.jitdump_loads(pid)
-        self.assertEqual(out, f"{EXPECTED}False\n1 False\n")
-        self.assertEqual(len(warnings), 2, warnings)
-        for warning, path in zip(warnings, ("/tmp/perf-", "/tmp/jit-")):
-            self.assertTrue(warning.startswith(WARNING), warnings)
-            self.assertIn("No space left on device", warning)
-            self.assertIn(path, warning)
+        self.assertEqual(out, f"{EXPECTED}False\n1 True\n")
+        self.assert_warnings_name(
+            warnings, ["/tmp/perf-", "/tmp/jit-", "/tmp/perf-"])
+
+    def test_dump_loss_reported_once(self):
+        # Closing the failed dump writes what is pending, which fails too:
+        # the same loss, told once; "perf" then runs without the dump.
+        script = WORK + """
+print(sys.is_stack_trampoline_active())
+sys.activate_stack_trampoline("perf")
+def after(): return 1
+print(after(), sys.is_stack_trampoline_active())
+"""
+        pid, out, warnings = self.run_under_shim(
+            {"FAULT_FILE": "jitdump", "FAULT_MAP_WRITE": errno.ENOSPC,
+             "FAULT_AFTER": 3}, ("-X", "perf_jit"), script)
+        names = self.map_names(pid)
+        self.jitdump_loads(pid)
+        self.assertEqual(out, f"{EXPECTED}False\n1 True\n")
+        self.assert_warnings_name(warnings, ["/tmp/jit-"])
+        self.assertTrue(any(name.startswith("py::after:")
+                            for name in names))
+
+    def test_forked_child_leaves_the_parents_loss_to_it(self):
+        # The parent's dump write failed before the fork: the parent tells
+        # it, the child (which never wrote that file) does not.
+        script = ("import os, sys\n"
+                  "print('pid', os.getpid(), file=sys.stderr)\n"
+                  "def f(): return 1\n"
+                  "f()\n"
+                  "child = os.fork()\n"
+                  "if child == 0:\n"
+                  "    sys.exit(0)\n"
+                  "print(child, os.waitpid(child, 0)[1])\n")
+        pid, out, warnings = self.run_under_shim(
+            {"FAULT_FILE": "jitdump", "FAULT_MAP_WRITE": errno.ENOSPC,
+             "FAULT_AFTER": 1}, ("-X", "perf_jit"), script)
+        child, status = map(int, out.split())
+        for process in (pid, child):
+            self.map_names(process)
+            self.jitdump_loads(process)
+        self.assertEqual(status, 0)
+        self.assert_warnings_name(warnings, [f"/tmp/jit-{pid}.dump"])
 
     def test_both_files_fail_after_the_last_trampoline(self):
         # Only finalization is left to report them: one warning per file.
@@ -220,10 +277,7 @@ print(after(), sys.is_stack_trampoline_active())
         self.map_names(pid)
         self.jitdump_loads(pid)
         self.assertEqual(out, "7\n")
-        self.assertEqual(len(warnings), 2, warnings)
-        for warning, path in zip(warnings, ("/tmp/perf-", "/tmp/jit-")):
-            self.assertIn("No space left on device", warning)
-            self.assertIn(path, warning)
+        self.assert_warnings_name(warnings, ["/tmp/perf-", "/tmp/jit-"])
 
     def test_no_thread_for_the_flusher(self):
         # Without the helper thread every line is written at once: all of

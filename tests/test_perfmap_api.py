@@ -141,7 +141,8 @@ class PerfMapAPITests(unittest.TestCase):
         # they name one of our trampolines as we do.  An empty line must
         # not make the next line's number this one's, and a name longer
         # than ours can be must not get in (it once overran the dump's
-        # buffer and hung the process).
+        # buffer and hung the process), nor one with control characters
+        # (a NUL made a record the dump's readers reject).
         out = self.run_script("""
             import os, sys, perfmap_ext
             sys.activate_stack_trampoline("perf")
@@ -157,6 +158,8 @@ class PerfMapAPITests(unittest.TestCase):
                 f.write(f"\\n{addr} 8 py::copied\\n")
                 f.write(f" {addr} 8 py::blank_first\\n")
                 f.write(f"{addr}  8 py::two_blanks\\n")
+                for ctl in ("\\0", "\\t", "\\r", "\\x7f"):
+                    f.write(f"{addr} 8 py::control{ctl}char\\n")
                 for i in range(40):
                     f.write(f"{addr} 8 py::{'L' * 20_000}\\n")
             assert perfmap_ext.copy_file(copied) == (0, 0)
@@ -177,6 +180,36 @@ class PerfMapAPITests(unittest.TestCase):
         self.assertEqual(names, ["copied", "later", "mine"])
         addrs = {load["name"].split(":")[2]: load["addr"] for load in loads}
         self.assertEqual(addrs["copied"], addrs["mine"])
+
+    def test_lines_copied_while_perf_jit_is_on(self):
+        # They reach the open dump at once, as they would a later one.
+        out = self.run_script("""
+            import os, sys, perfmap_ext
+            sys.activate_stack_trampoline("perf_jit")
+            def mine(): return 1
+            mine()
+            pid = os.getpid()
+            sys.deactivate_stack_trampoline()   # writes the map
+            sys.activate_stack_trampoline("perf_jit")
+            with open(f"/tmp/perf-{pid}.map") as f:
+                addr = next(line.split()[0] for line in f
+                            if line.split()[2].startswith("py::mine:"))
+            copied = f"/tmp/perfmap-copied-{pid}.txt"
+            with open(copied, "w") as f:
+                f.write(f"{addr} 8 py::copied_while_on\\n")
+            assert perfmap_ext.copy_file(copied) == (0, 0)
+            os.unlink(copied)
+            sys.deactivate_stack_trampoline()
+            print(pid)
+        """, timeout=60)
+        pid = int(out)
+        try:
+            _, loads = read_jitdump(pid)
+        finally:
+            remove_jit_files(pid)
+            os.unlink(f"/tmp/perf-{pid}.map")
+        names = [load["name"] for load in loads]
+        self.assertEqual(names.count("py::copied_while_on"), 1, names)
 
     def test_compile_code_before_first_run(self):
         for args in (("-X", "perf"), ()):

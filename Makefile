@@ -5,6 +5,7 @@
 #   make test     the test suite (what CI runs)
 #   make check-full  CPython's whole regression suite three ways (long)
 #   make bench    perf mode's cost: -X perf vs off, and off vs stock
+#                 (ANCHOR=1: CPython 3.13's beside it, make anchor)
 
 DRIVER := bash driver/cperf.sh
 PREFIX ?= /usr/local
@@ -15,7 +16,7 @@ export CPYTHON_SRC FRAME_POINTERS PREFIX
 
 .PHONY: all build demo test check-full check-asan bench docs stock cross \
 	nofp debug asan dist install clean distclean deps fetch prepare \
-	regen-configure check-fresh deb check-deb
+	regen-configure check-fresh deb check-deb anchor
 
 all: build
 
@@ -66,11 +67,16 @@ check-asan: asan
 check-full: build stock
 	@build/obj/python driver/check_full.py
 
-bench: build stock
+bench: build stock $(if $(ANCHOR),anchor)
 	@build/obj/python Tools/perf/bench/bench.py --python build/python \
 		--stock build/stock/python --rounds $(ROUNDS) \
 		--process-rounds $(PROCESS_ROUNDS) --backend $(BACKEND) \
+		$(if $(ANCHOR),--anchor build/anchor/python) \
 		--json build/bench/results-$(BACKEND).json
+
+# CPython 3.13 from Debian trixie's source package: make bench ANCHOR=1.
+anchor:
+	@$(DRIVER) anchor
 
 docs: build
 	@$(DRIVER) docs

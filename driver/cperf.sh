@@ -5,7 +5,7 @@
 # prints the end of that log and exits non-zero.
 #
 #   cperf.sh deps | fetch | prepare | build | debug | asan | stock | cross
-#            | dist | install | demo | docs | regen-configure
+#            | anchor | dist | install | demo | docs | regen-configure
 #            | debian-source DEST | check-fresh | deb | deb-source DEST
 #            | check-deb
 #
@@ -29,6 +29,10 @@ REQUIRED_PACKAGES="autoconf pkg-config build-essential
     python3-sphinx"
 OPTIONAL_PACKAGES="libbz2-dev liblzma-dev libsqlite3-dev libreadline-dev
     libgdbm-dev libgdbm-compat-dev uuid-dev libncurses-dev"
+# Real code for make bench (Tools/perf/bench/workloads/debian.py): pure
+# Python, which any 3.x interpreter imports from Debian's dist-packages.
+BENCH_PACKAGES="python3-docutils python3-pygments python3-sympy
+    python3-networkx"
 # For the aarch64 cross-build that the tests run under qemu.
 CROSS_PACKAGES="gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
 CROSS_HOST=aarch64-linux-gnu
@@ -82,7 +86,7 @@ install_packages() {
 cmd_deps() {
     STEP=deps
     # shellcheck disable=SC2086
-    install_packages $REQUIRED_PACKAGES $OPTIONAL_PACKAGES
+    install_packages $REQUIRED_PACKAGES $OPTIONAL_PACKAGES $BENCH_PACKAGES
 }
 
 # --------------------------------------------------------------- fetch
@@ -569,6 +573,85 @@ cmd_debian_source() {
     unpack_debian_source "$dest"
 }
 
+# -------------------------------------------------------------- anchor
+
+# Upstream's own perf support side by side (make bench ANCHOR=1): CPython
+# 3.13 from Debian trixie's python3.13 source package, apt-checked against
+# the signed archive index.  Upstream's sources as released (Debian's own
+# patches are packaging), built as ours, with frame pointers, into
+# build/anchor.
+ANCHOR_PACKAGE=python3.13
+ANCHOR_CACHE=$CACHE/anchor
+
+anchor_source_version() {
+    apt-cache showsrc "$ANCHOR_PACKAGE" 2>/dev/null \
+        | sed -n 's/^Version: //p' | sort -rV | head -n 1
+}
+
+# Adds a deb-src entry for trixie (sources only: apt installs nothing from
+# it) when apt knows no python3.13 source.
+ensure_anchor_source() {
+    [ -n "$(anchor_source_version)" ] && return
+    local entry=/etc/apt/sources.list.d/cpython-perf-anchor-src.sources
+    [ "$(id -u)" = 0 ] || die "apt knows no $ANCHOR_PACKAGE source; as root add $entry with:
+    Types: deb-src
+    URIs: http://deb.debian.org/debian
+    Suites: trixie
+    Components: main"
+    say "adding a deb-src entry for trixie: $entry"
+    cat >"$entry" <<'SRC'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    run anchor apt-get update
+}
+
+# Sets ANCHOR_TARBALL to the cached upstream tarball of Debian's
+# python3.13, downloaded once with its .dsc.
+anchor_tarball() {
+    local version upstream dsc
+    ensure_anchor_source
+    version=$(anchor_source_version)
+    [ -n "$version" ] || die "apt knows no $ANCHOR_PACKAGE source package"
+    upstream=${version#*:}
+    upstream=${upstream%-*}
+    dsc=$ANCHOR_CACHE/${ANCHOR_PACKAGE}_${version#*:}.dsc
+    if [ ! -f "$dsc" ]; then
+        mkdir -p "$ANCHOR_CACHE"
+        say "downloading Debian's $ANCHOR_PACKAGE $version source package"
+        (cd "$ANCHOR_CACHE" && run anchor apt-get source --download-only \
+            "$ANCHOR_PACKAGE=$version")
+    fi
+    for ANCHOR_TARBALL in "$ANCHOR_CACHE/${ANCHOR_PACKAGE}_$upstream".orig.tar.{xz,gz,bz2}; do
+        [ -f "$ANCHOR_TARBALL" ] && return
+    done
+    die "no upstream tarball beside $dsc"
+}
+
+cmd_anchor() {
+    cmd_deps
+    STEP=anchor
+    mkdir -p "$LOGS" "$BUILD/anchor"
+    anchor_tarball
+    local stamp
+    stamp=$(source_stamp "$ANCHOR_TARBALL")
+    if [ ! -f "$BUILD/anchor/src/.cperf-stamp" ] ||
+            [ "$(cat "$BUILD/anchor/src/.cperf-stamp")" != "$stamp" ]; then
+        say "unpacking $(basename "$ANCHOR_TARBALL") into build/anchor/src"
+        unpack "$ANCHOR_TARBALL" "$BUILD/anchor/src"
+        rm -rf "$BUILD/anchor/obj"
+        echo "$stamp" >"$BUILD/anchor/src/.cperf-stamp"
+    fi
+    : >"$LOGS/build.log"
+    configure_and_make "$BUILD/anchor/src" "$BUILD/anchor/obj" all \
+        "$FP_CFLAGS"
+    ln -sfn obj/python "$BUILD/anchor/python"
+    say "built build/anchor/python: $("$BUILD/anchor/python" -c 'import sys; print(sys.version.split()[0])')"
+}
+
 # ----------------------------------------------------------------- deb
 
 DEB_DIR=$BUILD/deb
@@ -870,7 +953,7 @@ main() {
     STEP=${cmd:-driver}
     case $cmd in
         deps | fetch | prepare | build | debug | asan | stock | cross | dist \
-            | install | demo | docs)
+            | install | demo | docs | anchor)
             "cmd_$cmd" ;;
         regen-configure) cmd_regen_configure ;;
         debian-source) cmd_debian_source "${2:-}" ;;
@@ -878,7 +961,7 @@ main() {
         deb-source) cmd_deb_source "${2:-}" ;;
         check-fresh) cmd_check_fresh ;;
         check-deb) cmd_check_deb ;;
-        *) die "usage: $0 deps|fetch|prepare|build|debug|asan|stock|cross|dist|install|demo|docs|regen-configure|debian-source DEST|check-fresh|deb|deb-source DEST|check-deb" ;;
+        *) die "usage: $0 deps|fetch|prepare|build|debug|asan|stock|cross|anchor|dist|install|demo|docs|regen-configure|debian-source DEST|check-fresh|deb|deb-source DEST|check-deb" ;;
     esac
 }
 

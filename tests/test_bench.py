@@ -5,6 +5,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import unittest
 
@@ -42,7 +43,7 @@ class BenchHarnessTests(unittest.TestCase):
         self.assertIn("calls ", proc.stdout)
         self.assertIn("imports ", proc.stdout)
         for workload in ("calls", "imports"):
-            result = report["ratios"][workload]
+            result = report["ours"]["ratios"][workload]
             pairs = [pair for group in result["pairs"] for pair in group]
             self.assertEqual(len(pairs), 3 if workload == "calls" else 4)
             self.assertTrue(all(t > 0 for pair in pairs for t in pair))
@@ -56,8 +57,9 @@ class BenchHarnessTests(unittest.TestCase):
             self.assertLessEqual(result["ratio"], high)
         # calls: 3 pairs over 2 processes; imports: 4 pairs of fresh
         # processes, a group each.
-        self.assertEqual(len(report["ratios"]["calls"]["pairs"]), 2)
-        self.assertEqual(len(report["ratios"]["imports"]["pairs"]), 4)
+        self.assertEqual(len(report["ours"]["ratios"]["calls"]["pairs"]), 2)
+        self.assertEqual(len(report["ours"]["ratios"]["imports"]["pairs"]),
+                         4)
 
     def test_toggled_pairs_run_in_perf_mode(self):
         # Started without -X perf, the process must turn perf mode on for
@@ -76,6 +78,42 @@ class BenchHarnessTests(unittest.TestCase):
         pid, times = run_one("loops")
         self.assertGreater(times["once"], 0)
         self.assertFalse(os.path.exists(f"/tmp/perf-{pid}.map"))
+
+    def test_whole_interpreters_counted_and_in_perf_mode(self):
+        # ci_loop's "on" loop turns perf support on by the environment
+        # variable, in every interpreter of the loop.
+        sys.path.insert(0, BENCH)
+        try:
+            import bench
+        finally:
+            del sys.path[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "modes")
+            script = ("import sys; open(sys.argv[1], 'a').write("
+                      "str(sys.is_stack_trampoline_active())[0])")
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                for backend in ("perf", "perf_jit"):
+                    for on in (False, True):
+                        elapsed = bench.time_interpreters(
+                            PYTHON, ["-c", script, out],
+                            bench.perf_env(backend, on), 3, devnull)
+                        self.assertGreater(elapsed, 0)
+            finally:
+                os.close(devnull)
+            with open(out) as f:
+                self.assertEqual(f.read(), "FFFTTTFFFTTT")
+
+    def test_real_code_workloads_run_and_import_only(self):
+        for workload in ("docutils_html", "pygments_highlight",
+                         "sympy_integrate", "networkx_graph",
+                         "difflib_diff"):
+            with self.subTest(workload=workload):
+                _, times = run_one(workload)
+                self.assertGreater(times["once"], 0)
+                proc = run([PYTHON, os.path.join(BENCH, "run_one.py"),
+                            workload, "--import-only"], env=clean_env())
+                self.assertEqual(proc.stdout, "")
 
 
 if __name__ == "__main__":

@@ -526,7 +526,7 @@ _PyPerfFlusher_QueueJitdumpLocked(uintptr_t addr, const char *name,
 {
     _PyPerfFiles_ASSERT_LOCKED();
     entry_buffer *fill = &pending.dump_fill;
-    assert(name_len <= PERF_MAX_NAME_BYTES);
+    assert(name_len <= PERF_MAX_WRITTEN_NAME_BYTES);
     int no_flusher = make_room_locked(fill, PERF_MAX_JITDUMP_BYTES) < 0;
     size_t len = outputs[DUMP]->encode(fill->data + fill->len, addr, name,
                                        name_len, _PyPerfJit_Now());
@@ -637,6 +637,9 @@ outputs_ready_locked(void)
     for (int i = 0; i < N_OUTPUTS; i++) {
         perf_output *out = outputs[i];
         if (out->wanted && out->ready_locked() < 0) {
+            /* Reported by the caller: what fails with it is the same
+               loss. */
+            out->loss_reported = 1;
             return out;
         }
     }

@@ -165,6 +165,8 @@ extern int _PyPerfFiles_ForEachLineChunk(int fd, off_t offset, off_t size,
 
 /* Longest symbol name written; longer names are cut with "...". */
 #define PERF_MAX_NAME_BYTES 4000
+/* With the "..." of a cut name. */
+#define PERF_MAX_WRITTEN_NAME_BYTES (PERF_MAX_NAME_BYTES + 3)
 /* Room for "<addr> <size> ", the name and "\n". */
 #define PERF_MAX_LINE_BYTES (PERF_MAX_NAME_BYTES + 64)
 

@@ -202,49 +202,97 @@ encode_load(char *buf, uintptr_t addr, const char *name, size_t name_len,
     return unwinding_len + load_len;
 }
 
-/* Does the name hold only what perf_map.c writes: no control characters
-   (it escapes them), which would end the dump's name early (NUL) or break
-   the lines of perf's reports? */
+/* A number as perf_map.c writes one, then a space: lowercase hex digits
+   without leading zeros, at most 16.  Returns what follows the space, or
+   NULL. */
+static const char *
+parse_own_hex(const char *p, const char *end, uintptr_t *value)
+{
+    const char *start = p;
+    uintptr_t v = 0;
+    for (; p < end && p - start < 17; p++) {
+        int digit = (*p >= '0' && *p <= '9') ? *p - '0'
+                    : (*p >= 'a' && *p <= 'f') ? *p - 'a' + 10 : -1;
+        if (digit < 0) {
+            break;
+        }
+        v = v << 4 | (uintptr_t)digit;
+    }
+    size_t digits = (size_t)(p - start);
+    if (digits == 0 || digits > 16 || (digits > 1 && *start == '0')
+        || p == end || *p != ' ')
+    {
+        return NULL;
+    }
+    *value = v;
+    return p + 1;
+}
+
+/* The length of the UTF-8 sequence at p that perf_map.c may write: a
+   printable ASCII character, or a valid multi-byte sequence of a code
+   point from U+00A0 on that is no surrogate (it escapes C0, DEL and C1
+   controls).  0 for anything else: a NUL would end the dump's name
+   early, and perf's readers want UTF-8. */
+static size_t
+own_char_length(const unsigned char *p, const unsigned char *end)
+{
+    if (*p < 0x80) {
+        return (*p >= 0x20 && *p != 0x7f) ? 1 : 0;
+    }
+    size_t len = *p >= 0xf0 ? 4 : *p >= 0xe0 ? 3 : *p >= 0xc0 ? 2 : 0;
+    if (len == 0 || *p > 0xf4 || (size_t)(end - p) < len) {
+        return 0;
+    }
+    uint32_t cp = *p & (0x7f >> len);
+    for (size_t i = 1; i < len; i++) {
+        if ((p[i] & 0xc0) != 0x80) {
+            return 0;
+        }
+        cp = cp << 6 | (p[i] & 0x3f);
+    }
+    static const uint32_t least[] = {0, 0, 0xa0, 0x800, 0x10000};
+    if (cp < least[len] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) {
+        return 0;
+    }
+    return len;
+}
+
 static int
 is_name_like_ours(const char *name, size_t len)
 {
-    for (size_t i = 0; i < len; i++) {
-        unsigned char c = (unsigned char)name[i];
-        if (c < 0x20 || c == 0x7f) {
+    const unsigned char *p = (const unsigned char *)name;
+    const unsigned char *end = p + len;
+    while (p < end) {
+        size_t n = own_char_length(p, end);
+        if (n == 0) {
             return 0;
         }
+        p += n;
     }
     return 1;
 }
 
 /* The address and name of a map line of ours ("<addr> <size> py::...",
-   line ending in "\n"), or 0 for any other line: the PyUnstable API's
-   users', an empty one, or one with a name longer than ours can be or
-   with characters ours never has.  strtoull() would skip blanks, "\n"
-   too, into the next line: each number must start with a hex digit of
-   this line. */
+   len bytes without its "\n"), or 0 for any other line: the PyUnstable
+   API's users', or one that perf_map.c cannot have written (numbers
+   written otherwise, a name too long or with characters it escapes). */
 static uintptr_t
 parse_own_line(const char *line, size_t len, const char **name,
                size_t *name_len)
 {
-    if (!Py_ISXDIGIT(line[0])) {
-        return 0;
-    }
-    char *end;
-    uintptr_t addr = (uintptr_t)strtoull(line, &end, 16);
-    if (*end != ' ' || !Py_ISXDIGIT(end[1])) {
-        return 0;
-    }
-    unsigned long long size = strtoull(end + 1, &end, 16);
-    if (*end != ' ' || strncmp(end + 1, "py::", 4) != 0
+    const char *end = line + len;
+    uintptr_t addr, size;
+    const char *p = parse_own_hex(line, end, &addr);
+    p = p ? parse_own_hex(p, end, &size) : NULL;
+    if (p == NULL || end - p < 4 || memcmp(p, "py::", 4) != 0
         || size != _PyPerfArena_TemplateSize()
         || !_PyPerfArena_IsTrampoline((void *)addr))
     {
         return 0;
     }
-    *name = end + 1;
-    *name_len = (size_t)(line + len - *name);
-    if (*name_len > PERF_MAX_NAME_BYTES
+    *name = p;
+    *name_len = (size_t)(end - p);
+    if (*name_len > PERF_MAX_WRITTEN_NAME_BYTES
         || !is_name_like_ours(*name, *name_len))
     {
         return 0;

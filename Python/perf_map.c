@@ -469,12 +469,6 @@ PyUnstable_WritePerfMapEntry(const void *code_addr, unsigned int code_size,
 }
 
 void
-_PyPerfTrampoline_FlushMap(void)
-{
-    _PyPerfFlusher_Flush();
-}
-
-void
 PyUnstable_PerfMapState_Fini(void)
 {
     /* Perf mode, if active, opens the map again (appending) when it next
@@ -519,11 +513,6 @@ PyUnstable_CopyPerfMapFile(const char *parent_filename)
 }
 
 #else  /* !PY_HAVE_PERF_TRAMPOLINE */
-
-void
-_PyPerfTrampoline_FlushMap(void)
-{
-}
 
 int
 PyUnstable_PerfMapState_Init(void)

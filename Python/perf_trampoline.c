@@ -461,20 +461,23 @@ refuse_foreign_hook(PyInterpreterState *interp)
 
 /* Report the deferred writes that failed and were not reported yet (after
    the last trampoline was made, or by a file perf mode turned off since):
-   one warning per file. */
+   one warning per file, "<prefix>: cannot write <file>: <reason>". */
 static void
-warn_if_lines_lost(void)
+warn_if_lines_lost(const char *prefix)
 {
     perf_output *failed;
     while ((failed = _PyPerfFlusher_TakeError()) != NULL) {
         int err = errno;
         char path[64];
         _PyPerfOutput_Path(failed, path, sizeof(path));
-        fprintf(stderr,
-                "python: perf support disabled: cannot write %s: %s\n",
-                path, strerror(err));
+        fprintf(stderr, "%s: cannot write %s: %s\n", prefix, path,
+                strerror(err));
     }
 }
+
+#define LOST_AT_EXIT "python: perf support disabled"
+#define LOST_BEFORE "python: perf support: entries lost before it was " \
+                    "turned on again"
 
 /* Turn perf mode on with a backend, or switch an active one to it (as in
    CPython 3.13: the other backend's output is closed).  Returns -1 with
@@ -487,9 +490,6 @@ activate(PyThreadState *tstate, int backend)
     if (refuse_foreign_hook(interp) < 0) {
         return -1;
     }
-    /* Losses of the last time on are told now, and a dump that lost
-       records starts anew; they do not stop this time. */
-    warn_if_lines_lost();
     if (use_code_extra_index(interp) < 0 || perf_map_prepare() < 0
         || _PyPerfJit_SetWanted(backend == PERF_JIT) < 0)
     {
@@ -499,6 +499,10 @@ activate(PyThreadState *tstate, int backend)
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+    /* Losses not reported yet (of the time before, or of the dump that
+       switching backends just closed) are told now, and a dump that lost
+       records starts anew: they do not stop this new time on. */
+    warn_if_lines_lost(LOST_BEFORE);
     _PyInterpreterState_SetEvalFrameFunc(interp, py_trampoline_evaluator);
     _PyPerfFlusher_NewSession();
     return 0;
@@ -559,7 +563,16 @@ _PyPerfTrampoline_Fini(void)
     hook.fast_interp = NULL;
     (void)_PyPerfJit_SetWanted(0);
     PyUnstable_PerfMapState_Fini();
-    warn_if_lines_lost();
+    warn_if_lines_lost(LOST_AT_EXIT);
+}
+
+/* os._exit() and os.exec*() (patch 0012): nothing runs after them to
+   write or report. */
+void
+_PyPerfTrampoline_FlushMap(void)
+{
+    _PyPerfFlusher_Flush();
+    warn_if_lines_lost(LOST_AT_EXIT);
 }
 
 /* Give a code object its trampoline now, before it first runs.  Needs the
@@ -581,6 +594,9 @@ PyUnstable_PerfTrampoline_CompileCode(PyCodeObject *co)
         return -1;
     }
     if (extra == NULL && compile_trampoline(co, index) == NULL) {
+        /* As after a failure in the hook: the files lack an entry, so
+           perf mode stops; the exception is the report. */
+        deactivate(interp);
         return -1;
     }
     return 0;
@@ -634,6 +650,11 @@ _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
 
 void
 _PyPerfTrampoline_Fini(void)
+{
+}
+
+void
+_PyPerfTrampoline_FlushMap(void)
 {
 }
 

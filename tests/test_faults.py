@@ -160,6 +160,9 @@ class FaultTests(unittest.TestCase):
         path = f"/tmp/jit-{pid}.dump"
         if not os.path.exists(path):
             return None
+        if os.path.getsize(path) == 0:     # its header could not be written
+            os.unlink(path)
+            return []
         try:
             return read_jitdump(pid)[1]
         finally:
@@ -190,7 +193,8 @@ class FaultTests(unittest.TestCase):
         """One warning per lost file, in order: paths are their prefixes."""
         self.assertEqual(len(warnings), len(paths), warnings)
         for warning, path in zip(warnings, paths):
-            self.assertTrue(warning.startswith(WARNING), warnings)
+            self.assertTrue(warning.startswith("python: perf support"),
+                            warnings)
             self.assertIn("No space left on device", warning)
             self.assertIn(path, warning)
 
@@ -224,6 +228,7 @@ print(after(), sys.is_stack_trampoline_active())
         self.assertEqual(out, f"{EXPECTED}False\n1 True\n")
         self.assert_warnings_name(
             warnings, ["/tmp/perf-", "/tmp/jit-", "/tmp/perf-"])
+        self.assertIn("lost before it was turned on again", warnings[1])
 
     def test_dump_loss_reported_once(self):
         # Closing the failed dump writes what is pending, which fails too:
@@ -278,6 +283,93 @@ print(after(), sys.is_stack_trampoline_active())
         self.jitdump_loads(pid)
         self.assertEqual(out, "7\n")
         self.assert_warnings_name(warnings, ["/tmp/perf-", "/tmp/jit-"])
+
+    def test_switching_away_from_a_failed_dump(self):
+        # The dump's records still pending when perf_jit is switched to
+        # perf fail as the dump closes: told then, and perf goes on.
+        script = ("import os, sys\n"
+                  "print('pid', os.getpid(), file=sys.stderr)\n"
+                  "sys.activate_stack_trampoline('perf_jit')\n"
+                  "def before(): return 1\n"
+                  "before()\n"
+                  "sys.activate_stack_trampoline('perf')\n"
+                  "def after(): return 2\n"
+                  "print(after(), sys.is_stack_trampoline_active())\n")
+        pid, out, warnings = self.run_under_shim(
+            {"FAULT_FILE": "jitdump", "FAULT_MAP_WRITE": errno.ENOSPC,
+             "FAULT_AFTER": 1}, (), script)
+        names = self.map_names(pid)
+        self.jitdump_loads(pid)
+        self.assertEqual(out, "2 True\n")
+        self.assert_warnings_name(warnings, ["/tmp/jit-"])
+        self.assertTrue(any(name.startswith("py::after:") for name in names))
+
+    def test_compile_code_failure_stops_perf_mode(self):
+        # PyUnstable_PerfTrampoline_CompileCode reports the loss with its
+        # exception, and perf mode stops as after a failure in the hook:
+        # no later loss goes untold with perf mode on.
+        script = ("import ctypes, os, sys\n"
+                  "print('pid', os.getpid(), file=sys.stderr)\n"
+                  "compile_code = ctypes.pythonapi."
+                  "PyUnstable_PerfTrampoline_CompileCode\n"
+                  "compile_code.argtypes = [ctypes.py_object]\n"
+                  "ns = {}\n"
+                  "exec('def fresh(): return 7', ns)\n"
+                  "ctypes.pythonapi.PyUnstable_PerfMapState_Fini()  "
+                  "# writes out the lines so far: that fails\n"
+                  "try:\n"
+                  "    compile_code(ns['fresh'].__code__)\n"
+                  "except OSError as exc:\n"
+                  "    print('OSError', exc.errno)\n"
+                  "print(ns['fresh'](), sys.is_stack_trampoline_active())\n")
+        pid, out, warnings = self.run_under_shim(
+            {"FAULT_MAP_WRITE": errno.ENOSPC, "FAULT_AFTER": 0},
+            ("-X", "perf"), script)
+        self.map_names(pid)
+        self.assertEqual(out, f"OSError {errno.ENOSPC}\n7 False\n")
+        self.assertEqual(warnings, [])
+
+    def test_os_exit_reports_the_loss(self):
+        # Nothing runs after os._exit() to report a failed write of the
+        # lines it writes out: it reports it itself.
+        script = ("import os, sys\n"
+                  "print('pid', os.getpid(), file=sys.stderr)\n"
+                  "def only(): return 7\n"
+                  "print(only(), flush=True)\n"
+                  "os._exit(0)\n")
+        out, warnings, lines = self.run_faulty(
+            {"FAULT_MAP_WRITE": errno.ENOSPC}, script=script)
+        self.assertEqual(out, "7\n")
+        self.assert_one_warning(warnings, "No space left on device")
+        self.assertEqual(lines, [])
+
+    def test_forked_child_reports_its_own_loss_once(self):
+        # The child's dump cannot be written: its first trampoline turns
+        # perf mode off with a warning, and that loss is not told again at
+        # its exit.
+        script = ("import os, sys, time\n"
+                  "print('pid', os.getpid(), file=sys.stderr)\n"
+                  "sys.activate_stack_trampoline('perf_jit')\n"
+                  "def f(): return 1\n"
+                  "f()\n"
+                  "sys.deactivate_stack_trampoline()\n"
+                  "sys.activate_stack_trampoline('perf_jit')\n"
+                  "child = os.fork()\n"
+                  "if child == 0:\n"
+                  "    exec('def g(): return 2\\ng()')\n"
+                  "    time.sleep(0.05)\n"
+                  "    exec('def h(): return 3\\nh()')\n"
+                  "    sys.exit(0)\n"
+                  "print(child, os.waitpid(child, 0)[1])\n")
+        pid, out, warnings = self.run_under_shim(
+            {"FAULT_FILE": "jitdump", "FAULT_MAP_WRITE": errno.ENOSPC,
+             "FAULT_AFTER": 2}, (), script)
+        child, status = map(int, out.split())
+        for process in (pid, child):
+            self.map_names(process)
+            self.jitdump_loads(process)
+        self.assertEqual(status, 0)
+        self.assert_warnings_name(warnings, [f"/tmp/jit-{child}.dump"])
 
     def test_no_thread_for_the_flusher(self):
         # Without the helper thread every line is written at once: all of

@@ -162,6 +162,16 @@ class PerfMapAPITests(unittest.TestCase):
                     f.write(f"{addr} 8 py::control{ctl}char\\n")
                 for i in range(40):
                     f.write(f"{addr} 8 py::{'L' * 20_000}\\n")
+                f.write(f"0x{addr} 0x8 py::hex_prefix\\n")
+                f.write(f"{addr.upper()} 8 py::upper_case\\n")
+                f.write(f"0{addr} 8 py::leading_zero\\n")
+            with open(copied, "ab") as f:
+                a = addr.encode()
+                f.write(a + b" 8 py::invalid_utf8\\xff\\xfe\\n")
+                f.write(a + b" 8 py::c1_control\\xc2\\x85\\n")
+                f.write(a + b" 8 py::overlong\\xc1\\xbf\\n")
+                f.write(a + b" 8 py::surrogate\\xed\\xa0\\x80\\n")
+                f.write(a + b" 8 py::fine\\xc2\\xa0\\xe2\\x82\\xac\\n")
             assert perfmap_ext.copy_file(copied) == (0, 0)
             os.unlink(copied)
             sys.activate_stack_trampoline("perf_jit")
@@ -177,7 +187,8 @@ class PerfMapAPITests(unittest.TestCase):
             remove_jit_files(pid)
             os.unlink(f"/tmp/perf-{pid}.map")   # holds the copied lines
         names = sorted(load["name"].split(":")[2] for load in loads)
-        self.assertEqual(names, ["copied", "later", "mine"])
+        self.assertEqual(names, ["copied", "fine\u00a0\u20ac", "later",
+                                 "mine"])
         addrs = {load["name"].split(":")[2]: load["addr"] for load in loads}
         self.assertEqual(addrs["copied"], addrs["mine"])
 

@@ -1034,6 +1034,33 @@ class PerfJitTests(unittest.TestCase):
         self.assertNotIn("py::after", names)
         self.assertTrue(any(n.startswith("py::after:") for n in map_names))
 
+    def test_cut_and_non_ascii_names_in_a_dump_filled_from_the_map(self):
+        # The map's lines of ours become the dump's records as they are,
+        # with a name cut to 4,000 bytes and "...", or with characters
+        # outside ASCII.
+        script = """
+            import os, sys
+            def long(): return 1
+            long.__code__ = long.__code__.replace(co_qualname="L" * 5000)
+            def caf\u00e9(): return 2
+            sys.activate_stack_trampoline("perf")
+            long(), caf\u00e9()
+            sys.activate_stack_trampoline("perf_jit")
+            print(os.getpid())
+        """
+        pid = int(self.run_checked(script))
+        map_names = read_map(pid)
+        _, loads = read_jitdump(pid)
+        remove_map(pid)
+        remove_jit_files(pid)
+        cut = [name for name in map_names if name.startswith("py::LLL")]
+        self.assertEqual(len(cut), 1)
+        self.assertTrue(cut[0].endswith("..."))
+        dump_names = [load["name"] for load in loads]
+        self.assertIn(cut[0], dump_names)
+        self.assertTrue(any(name.startswith("py::caf\u00e9:")
+                            for name in dump_names))
+
     def test_each_trampoline_once_per_dump(self):
         # Switching back and forth adds to the dump only the trampolines
         # made while it was closed.

@@ -23,7 +23,8 @@
                            (a short write) and then fails with ENOSPC.
      FAULT_FILE=jitdump    FAULT_MAP_OPEN and FAULT_MAP_WRITE act on
                            /tmp/jit-*.dump files (perf_jit) instead;
-     FAULT_FILE=both       on both kinds of file.
+     FAULT_FILE=both       on both kinds of file; FAULT_FILE=map (or
+                           unset) on the map only.
      FAULT_THREAD=E        pthread_create() fails with E (a number): the
                            process is out of threads.
      FAULT_AFTER=N         the first N calls that match succeed.  */
@@ -69,8 +70,8 @@ read_config(void)
     passes_left = env_number("FAULT_AFTER", 0);
     const char *file = getenv("FAULT_FILE");
     if (file != NULL) {
-        target_map = strcmp(file, "both") == 0;
-        target_jitdump = target_map || strcmp(file, "jitdump") == 0;
+        target_map = strcmp(file, "jitdump") != 0;
+        target_jitdump = strcmp(file, "map") != 0;
     }
 }
 

@@ -331,10 +331,10 @@ take_error_locked(void)
         /* After the close: it writes what is pending, which fails too. */
         int err = out->error;
         out->error = 0;
-        if (out->loss_reported) {
+        if (out->lost) {
             continue;
         }
-        out->loss_reported = 1;
+        out->lost = err;
         errno = err;
         return out;
     }
@@ -435,10 +435,12 @@ fork_prepare(void)
     {
         pthread_cond_wait(&pending.written, &_PyPerfFiles_mutex);
     }
-    _PyPerfFlusher_FlushLocked();
+    /* The copy queues the dump's records: the flush writes them.  Nothing
+       may be left for the child, which would write it to our dump. */
     if (_PyPerfOutput_IsOpenHere(outputs[MAP])) {
         copy_inherited_lines_locked();
     }
+    _PyPerfFlusher_FlushLocked();
 }
 
 static void
@@ -458,7 +460,7 @@ fork_child(void)
        it. */
     for (int i = 0; i < N_OUTPUTS; i++) {
         outputs[i]->error = 0;
-        outputs[i]->loss_reported = 0;
+        outputs[i]->lost = 0;
     }
     pthread_mutex_unlock(&_PyPerfFiles_mutex);
     _PyPerfTrampoline_AfterFork();
@@ -636,10 +638,14 @@ outputs_ready_locked(void)
     }
     for (int i = 0; i < N_OUTPUTS; i++) {
         perf_output *out = outputs[i];
+        if (out->wanted && out->lost) {
+            errno = out->lost;      /* a loss told already stops them all */
+            return out;
+        }
         if (out->wanted && out->ready_locked() < 0) {
             /* Reported by the caller: what fails with it is the same
                loss. */
-            out->loss_reported = 1;
+            out->lost = errno;
             return out;
         }
     }
@@ -682,7 +688,7 @@ _PyPerfFlusher_NewSession(void)
 {
     _PyPerfFiles_Lock();
     for (int i = 0; i < N_OUTPUTS; i++) {
-        outputs[i]->loss_reported = 0;
+        outputs[i]->lost = 0;
     }
     _PyPerfFiles_Unlock();
 }

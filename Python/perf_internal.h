@@ -131,10 +131,11 @@ typedef struct {
     const char *refusal;        /* why an existing file was refused */
     int error;                  /* errno of a deferred write that failed,
                                    until taken; 0 if none */
-    /* A loss of entries was reported since perf mode was last turned on:
-       the failures that follow (lines still buffered then) are the same
-       loss, and perf mode is off. */
-    int loss_reported;
+    /* errno of the loss of entries reported since perf mode was last
+       turned on, or 0.  The failures that follow (lines still buffered
+       then) are the same loss, and the file takes no new entries: every
+       interpreter's perf mode stops at its next trampoline. */
+    int lost;
 } perf_output;
 
 extern void _PyPerfOutput_Path(const perf_output *out, char *buf,

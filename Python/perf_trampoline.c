@@ -499,12 +499,7 @@ activate(PyThreadState *tstate, int backend)
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    /* Losses not reported yet (of the time before, or of the dump that
-       switching backends just closed) are told now, and a dump that lost
-       records starts anew: they do not stop this new time on. */
-    warn_if_lines_lost(LOST_BEFORE);
     _PyInterpreterState_SetEvalFrameFunc(interp, py_trampoline_evaluator);
-    _PyPerfFlusher_NewSession();
     return 0;
 }
 
@@ -513,14 +508,23 @@ activate(PyThreadState *tstate, int backend)
 static int
 activate_named(PyThreadState *tstate, const char *name)
 {
-    if (strcmp(name, "perf") == 0) {
-        return activate(tstate, PERF_MAP);
+    int backend = strcmp(name, "perf") == 0 ? PERF_MAP
+                  : strcmp(name, "perf_jit") == 0 ? PERF_JIT : PERF_OFF;
+    if (backend == PERF_OFF) {
+        PyErr_Format(PyExc_ValueError, "invalid backend: %s", name);
+        return -1;
     }
-    if (strcmp(name, "perf_jit") == 0) {
-        return activate(tstate, PERF_JIT);
+    /* Turned on again by the program: what the time before left is
+       written, and its losses not reported yet are told now (a dump that
+       lost records starts anew); they do not stop this new time on.  (A
+       new interpreter turned on by -X perf does not forgive another's.) */
+    _PyPerfFlusher_Flush();
+    warn_if_lines_lost(LOST_BEFORE);
+    if (activate(tstate, backend) < 0) {
+        return -1;
     }
-    PyErr_Format(PyExc_ValueError, "invalid backend: %s", name);
-    return -1;
+    _PyPerfFlusher_NewSession();
+    return 0;
 }
 
 static void

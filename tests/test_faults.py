@@ -371,6 +371,74 @@ print(after(), sys.is_stack_trampoline_active())
         self.assertEqual(status, 0)
         self.assert_warnings_name(warnings, [f"/tmp/jit-{child}.dump"])
 
+    def test_failed_exec_reports_and_perf_mode_stops(self):
+        # os.execv() writes the lines out and tells their loss; when it
+        # fails, the next trampoline turns perf mode off.
+        script = ("import os, sys\n"
+                  "print('pid', os.getpid(), file=sys.stderr)\n"
+                  "def f(): return 1\n"
+                  "f()\n"
+                  "try:\n"
+                  "    os.execv('/nonexistent', ['nonexistent'])\n"
+                  "except OSError as exc:\n"
+                  "    print('OSError', exc.errno)\n"
+                  "def g(): return 2\n"
+                  "print(g(), sys.is_stack_trampoline_active())\n")
+        out, warnings, lines = self.run_faulty(
+            {"FAULT_MAP_WRITE": errno.ENOSPC}, script=script)
+        self.assertEqual(out, f"OSError {errno.ENOENT}\n2 False\n")
+        self.assert_warnings_name(warnings, ["/tmp/perf-", "/tmp/perf-"])
+        self.assertEqual(lines, [])
+
+    def test_every_interpreter_stops_after_a_loss(self):
+        # The map is the process's: once its loss is told, a
+        # sub-interpreter's perf mode stops at its next trampoline too.
+        script = ("import ctypes, os, sys\n"
+                  "import _xxsubinterpreters as interpreters\n"
+                  "print('pid', os.getpid(), file=sys.stderr)\n"
+                  "sub = interpreters.create()\n"
+                  "def f(): return 1\n"
+                  "f()\n"
+                  "ctypes.pythonapi.PyUnstable_PerfMapState_Fini()  "
+                  "# writes the lines out: that fails\n"
+                  "def g(): return 2\n"
+                  "g()\n"
+                  "print(sys.is_stack_trampoline_active(), flush=True)\n"
+                  "interpreters.run_string(sub, 'import sys\\n"
+                  "def h(): return 3\\n"
+                  "h()\\n"
+                  "print(sys.is_stack_trampoline_active(), flush=True)')\n")
+        out, warnings, lines = self.run_faulty(
+            {"FAULT_MAP_WRITE": errno.ENOSPC}, script=script)
+        self.assertEqual(out, "False\nFalse\n")
+        self.assert_warnings_name(warnings, ["/tmp/perf-", "/tmp/perf-"])
+
+    def test_losses_before_turning_on_again_are_told_then(self):
+        # Lines still buffered when perf mode is turned on again are
+        # written then: their loss is the time before's, and the new time
+        # goes on until a failure of its own (here, at exit).
+        script = ("import os, sys\n"
+                  "print('pid', os.getpid(), file=sys.stderr)\n"
+                  "backend = sys.argv[1]\n"
+                  "sys.activate_stack_trampoline(backend)\n"
+                  "def f(): return 1\n"
+                  "f()\n"
+                  "sys.activate_stack_trampoline(backend)\n"
+                  "def g(): return 2\n"
+                  "print(g(), sys.is_stack_trampoline_active())\n")
+        for backend in ("perf", "perf_jit"):
+            with self.subTest(backend=backend):
+                pid, out, warnings = self.run_under_shim(
+                    {"FAULT_MAP_WRITE": errno.ENOSPC}, (),
+                    script.replace("sys.argv[1]", repr(backend)))
+                self.map_names(pid)
+                self.jitdump_loads(pid)
+                self.assertEqual(out, "2 True\n")
+                self.assert_warnings_name(warnings,
+                                          ["/tmp/perf-", "/tmp/perf-"])
+                self.assertIn("turned on again", warnings[0])
+                self.assertIn("disabled", warnings[1])
+
     def test_no_thread_for_the_flusher(self):
         # Without the helper thread every line is written at once: all of
         # them are in the map before the process exits, with no warning.

@@ -1110,6 +1110,41 @@ class PerfJitTests(unittest.TestCase):
         self.assertIn("py::child_side", child_names)
         self.assertNotIn("py::child_side", parent_names)
 
+    def test_grandchild_writes_nothing_into_its_parents_dump(self):
+        # A child forks before it has its own copy of its parent's lines:
+        # the copy is made and written before that fork, and its
+        # grandchild has nothing of its parent's to write.
+        script = """
+            import os
+            for i in range(100):
+                exec(f"def f{i}(): return {i}\\nf{i}()")
+            child = os.fork()
+            if child == 0:
+                def child_side(): return 1
+                child_side()
+                grandchild = os.fork()     # at once, before the adoption
+                if grandchild == 0:
+                    os._exit(0 if wait_for_own_file("jit", b"py::f99")
+                             else 1)
+                status = os.waitpid(grandchild, 0)[1]
+                print(os.getpid(), grandchild, flush=True)
+                os._exit(status)
+            assert os.waitpid(child, 0)[1] == 0
+            print(os.getpid())
+        """
+        out = self.run_checked(WAIT_FOR_OWN_FILE + textwrap.dedent(script),
+                               "-X", "perf_jit")
+        (child, grandchild), (parent,) = (map(int, line.split())
+                                          for line in out.splitlines())
+        for pid in (parent, child, grandchild):
+            map_names = read_map(pid)
+            _, loads = read_jitdump(pid)
+            self.names(pid)     # removes the files
+            addrs = [load["addr"] for load in loads]
+            self.assertEqual(len(addrs), len(set(addrs)), pid)
+            self.assertEqual(len(loads), len(map_names), pid)
+            self.assertEqual({load["pid"] for load in loads}, {pid})
+
     def test_startup_failure_warns_and_runs(self):
         # As PerfMapTests' test: a symlink planted at the dump's path of
         # the pid that the exec'd interpreter keeps.

@@ -461,23 +461,22 @@ refuse_foreign_hook(PyInterpreterState *interp)
 
 /* Report the deferred writes that failed and were not reported yet (after
    the last trampoline was made, or by a file perf mode turned off since):
-   one warning per file, "<prefix>: cannot write <file>: <reason>". */
+   one warning per file.  It says what happened, not what perf mode does
+   next: that depends on where it is told (a failed exec goes on, a new
+   activation starts anew), and a trampoline made afterwards turns perf
+   mode off with a warning of its own. */
 static void
-warn_if_lines_lost(const char *prefix)
+warn_if_lines_lost(void)
 {
     perf_output *failed;
     while ((failed = _PyPerfFlusher_TakeError()) != NULL) {
         int err = errno;
         char path[64];
         _PyPerfOutput_Path(failed, path, sizeof(path));
-        fprintf(stderr, "%s: cannot write %s: %s\n", prefix, path,
-                strerror(err));
+        fprintf(stderr, "python: perf support lost entries: cannot write "
+                "%s: %s\n", path, strerror(err));
     }
 }
-
-#define LOST_AT_EXIT "python: perf support disabled"
-#define LOST_BEFORE "python: perf support: entries lost before it was " \
-                    "turned on again"
 
 /* Turn perf mode on with a backend, or switch an active one to it (as in
    CPython 3.13: the other backend's output is closed).  Returns -1 with
@@ -519,7 +518,7 @@ activate_named(PyThreadState *tstate, const char *name)
        lost records starts anew); they do not stop this new time on.  (A
        new interpreter turned on by -X perf does not forgive another's.) */
     _PyPerfFlusher_Flush();
-    warn_if_lines_lost(LOST_BEFORE);
+    warn_if_lines_lost();
     if (activate(tstate, backend) < 0) {
         return -1;
     }
@@ -567,7 +566,7 @@ _PyPerfTrampoline_Fini(void)
     hook.fast_interp = NULL;
     (void)_PyPerfJit_SetWanted(0);
     PyUnstable_PerfMapState_Fini();
-    warn_if_lines_lost(LOST_AT_EXIT);
+    warn_if_lines_lost();
 }
 
 /* os._exit() and os.exec*() (patch 0012): nothing runs after them to
@@ -576,7 +575,7 @@ void
 _PyPerfTrampoline_FlushMap(void)
 {
     _PyPerfFlusher_Flush();
-    warn_if_lines_lost(LOST_AT_EXIT);
+    warn_if_lines_lost();
 }
 
 /* Give a code object its trampoline now, before it first runs.  Needs the

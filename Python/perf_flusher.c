@@ -638,11 +638,14 @@ outputs_ready_locked(void)
     }
     for (int i = 0; i < N_OUTPUTS; i++) {
         perf_output *out = outputs[i];
-        if (out->wanted && out->lost) {
+        if (!out->wanted) {
+            continue;
+        }
+        if (out->lost) {
             errno = out->lost;      /* a loss told already stops them all */
             return out;
         }
-        if (out->wanted && out->ready_locked() < 0) {
+        if (out->ready_locked() < 0) {
             /* Reported by the caller: what fails with it is the same
                loss. */
             out->lost = errno;

@@ -97,25 +97,29 @@ have_deb_src() {
         /etc/apt/sources.list.d/*.sources
 }
 
+# deb_src_entry URI SUITE: apt's entry for the sources of SUITE's main.
+deb_src_entry() {
+    printf '%s\n' "Types: deb-src" "URIs: $1" "Suites: $2" \
+        "Components: main" \
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg"
+}
+
+# add_deb_src NAME URI SUITE: as root, adds the entry as
+# /etc/apt/sources.list.d/cpython-perf-NAME.sources (sources only: apt
+# installs nothing from it) and updates apt's lists; otherwise dies with
+# the entry to add.
+add_deb_src() {
+    local entry=/etc/apt/sources.list.d/cpython-perf-$1.sources
+    [ "$(id -u)" = 0 ] || die "apt knows no source needed from $3; as root add $entry with:
+$(deb_src_entry "$2" "$3" | sed 's/^/    /')"
+    say "adding a deb-src entry for $3: $entry"
+    deb_src_entry "$2" "$3" >"$entry"
+    run "$STEP" apt-get update
+}
+
 ensure_deb_src() {
     have_deb_src && return
-    local entry=/etc/apt/sources.list.d/cpython-perf-src.sources
-    if [ "$(id -u)" != 0 ]; then
-        die "apt has no deb-src entry; as root add $entry with:
-    Types: deb-src
-    URIs: http://deb.debian.org/debian
-    Suites: bookworm
-    Components: main"
-    fi
-    say "adding a deb-src entry for bookworm: $entry"
-    cat >"$entry" <<'EOF'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-    run fetch apt-get update
+    add_deb_src src http://deb.debian.org/debian bookworm
 }
 
 verify_tarball() {
@@ -510,17 +514,9 @@ source_versions() {
 ensure_security_source() {
     local candidate=$1
     source_versions | grep -x "$candidate" >/dev/null && return
-    local entry=/etc/apt/sources.list.d/cpython-perf-security-src.sources
     [ "$(id -u)" = 0 ] || return 0
-    say "adding a deb-src entry for bookworm-security: $entry"
-    cat >"$entry" <<'SRC'
-Types: deb-src
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-    run "$STEP" apt-get update
+    add_deb_src security-src http://deb.debian.org/debian-security \
+        bookworm-security
 }
 
 # Sets DSC to the cached .dsc of Debian's python3.11 source package,
@@ -588,25 +584,10 @@ anchor_source_version() {
         | sed -n 's/^Version: //p' | sort -rV | head -n 1
 }
 
-# Adds a deb-src entry for trixie (sources only: apt installs nothing from
-# it) when apt knows no python3.13 source.
+# Adds a deb-src entry for trixie when apt knows no python3.13 source.
 ensure_anchor_source() {
     [ -n "$(anchor_source_version)" ] && return
-    local entry=/etc/apt/sources.list.d/cpython-perf-anchor-src.sources
-    [ "$(id -u)" = 0 ] || die "apt knows no $ANCHOR_PACKAGE source; as root add $entry with:
-    Types: deb-src
-    URIs: http://deb.debian.org/debian
-    Suites: trixie
-    Components: main"
-    say "adding a deb-src entry for trixie: $entry"
-    cat >"$entry" <<'SRC'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-    run anchor apt-get update
+    add_deb_src anchor-src http://deb.debian.org/debian trixie
 }
 
 # Sets ANCHOR_TARBALL to the cached upstream tarball of Debian's

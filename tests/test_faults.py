@@ -27,6 +27,14 @@ exec(src)
 print(sum(globals()[f"f{{i}}"](1) for i in range({FUNCTIONS})))
 """
 EXPECTED = f"{sum(1 + i for i in range(FUNCTIONS))}\n"
+# WORK, then perf mode turned on again with the "perf" backend, and a new
+# function run.
+WORK_THEN_PERF_AGAIN = WORK + """
+print(sys.is_stack_trampoline_active())
+sys.activate_stack_trampoline("perf")
+def after(): return 1
+print(after(), sys.is_stack_trampoline_active())
+"""
 WARNING = "python: perf support disabled: "
 # A loss told where no exception can turn perf mode off: at exit, by
 # os._exit() and os.exec*(), or when perf mode is turned on again.
@@ -66,9 +74,17 @@ class FaultTests(unittest.TestCase):
 
     def run_faulty(self, faults, args=("-X", "perf"), script=WORK):
         """Run script under the shim; return (stdout, warnings, map names)
-        after checking the exit status and the map's format."""
+        after checking the exit status and the formats of the map and
+        dump, which are removed."""
         pid, out, warnings = self.run_under_shim(faults, args, script)
-        return out, warnings, self.map_names(pid)
+        return out, warnings, self.check_files(pid)
+
+    def check_files(self, pid):
+        """Check and remove the process's map and dump (map_names(),
+        jitdump_loads()); returns the map's names."""
+        names = self.map_names(pid)
+        self.jitdump_loads(pid)
+        return names
 
     def map_names(self, pid):
         """The names in the process's map ([] if it has none), which is
@@ -204,12 +220,10 @@ class FaultTests(unittest.TestCase):
     def test_both_files_fail_each_reported(self):
         # The map's and the dump's writes both fail; the map's failure turns
         # perf mode off with a warning, the dump's is told at exit.
-        pid, out, warnings = self.run_under_shim(
+        out, warnings, _ = self.run_faulty(
             {"FAULT_FILE": "both", "FAULT_MAP_WRITE": errno.ENOSPC,
              "FAULT_AFTER": 3}, ("-X", "perf_jit"),
             WORK + "print(sys.is_stack_trampoline_active())\n")
-        self.map_names(pid)
-        self.jitdump_loads(pid)
         self.assertEqual(out, f"{EXPECTED}False\n")
         self.assert_warnings_name(warnings, ["/tmp/perf-", "/tmp/jit-"])
 
@@ -217,17 +231,9 @@ class FaultTests(unittest.TestCase):
         # Turning perf mode on again tells the dump's loss first, and the
         # "perf" backend, which writes no dump, is not stopped by it: it
         # runs until the map fails again (at exit), a new loss.
-        script = WORK + """
-print(sys.is_stack_trampoline_active())
-sys.activate_stack_trampoline("perf")
-def after(): return 1
-print(after(), sys.is_stack_trampoline_active())
-"""
-        pid, out, warnings = self.run_under_shim(
+        out, warnings, _ = self.run_faulty(
             {"FAULT_FILE": "both", "FAULT_MAP_WRITE": errno.ENOSPC,
-             "FAULT_AFTER": 3}, ("-X", "perf_jit"), script)
-        self.map_names(pid)
-        self.jitdump_loads(pid)
+             "FAULT_AFTER": 3}, ("-X", "perf_jit"), WORK_THEN_PERF_AGAIN)
         self.assertEqual(out, f"{EXPECTED}False\n1 True\n")
         self.assert_warnings_name(
             warnings, ["/tmp/perf-", "/tmp/jit-", "/tmp/perf-"])
@@ -236,17 +242,9 @@ print(after(), sys.is_stack_trampoline_active())
     def test_dump_loss_reported_once(self):
         # Closing the failed dump writes what is pending, which fails too:
         # the same loss, told once; "perf" then runs without the dump.
-        script = WORK + """
-print(sys.is_stack_trampoline_active())
-sys.activate_stack_trampoline("perf")
-def after(): return 1
-print(after(), sys.is_stack_trampoline_active())
-"""
-        pid, out, warnings = self.run_under_shim(
+        out, warnings, names = self.run_faulty(
             {"FAULT_FILE": "jitdump", "FAULT_MAP_WRITE": errno.ENOSPC,
-             "FAULT_AFTER": 3}, ("-X", "perf_jit"), script)
-        names = self.map_names(pid)
-        self.jitdump_loads(pid)
+             "FAULT_AFTER": 3}, ("-X", "perf_jit"), WORK_THEN_PERF_AGAIN)
         self.assertEqual(out, f"{EXPECTED}False\n1 True\n")
         self.assert_warnings_name(warnings, ["/tmp/jit-"])
         self.assertTrue(any(name.startswith("py::after:")
@@ -268,8 +266,7 @@ print(after(), sys.is_stack_trampoline_active())
              "FAULT_AFTER": 1}, ("-X", "perf_jit"), script)
         child, status = map(int, out.split())
         for process in (pid, child):
-            self.map_names(process)
-            self.jitdump_loads(process)
+            self.check_files(process)
         self.assertEqual(status, 0)
         self.assert_warnings_name(warnings, [f"/tmp/jit-{pid}.dump"])
 
@@ -279,11 +276,9 @@ print(after(), sys.is_stack_trampoline_active())
                   "print('pid', os.getpid(), file=sys.stderr)\n"
                   "def only(): return 7\n"
                   "print(only())\n")
-        pid, out, warnings = self.run_under_shim(
+        out, warnings, _ = self.run_faulty(
             {"FAULT_FILE": "both", "FAULT_MAP_WRITE": errno.ENOSPC,
              "FAULT_AFTER": 1}, ("-X", "perf_jit"), script)
-        self.map_names(pid)
-        self.jitdump_loads(pid)
         self.assertEqual(out, "7\n")
         self.assert_warnings_name(warnings, ["/tmp/perf-", "/tmp/jit-"])
 
@@ -298,11 +293,9 @@ print(after(), sys.is_stack_trampoline_active())
                   "sys.activate_stack_trampoline('perf')\n"
                   "def after(): return 2\n"
                   "print(after(), sys.is_stack_trampoline_active())\n")
-        pid, out, warnings = self.run_under_shim(
+        out, warnings, names = self.run_faulty(
             {"FAULT_FILE": "jitdump", "FAULT_MAP_WRITE": errno.ENOSPC,
              "FAULT_AFTER": 1}, (), script)
-        names = self.map_names(pid)
-        self.jitdump_loads(pid)
         self.assertEqual(out, "2 True\n")
         self.assert_warnings_name(warnings, ["/tmp/jit-"])
         self.assertTrue(any(name.startswith("py::after:") for name in names))
@@ -325,10 +318,9 @@ print(after(), sys.is_stack_trampoline_active())
                   "except OSError as exc:\n"
                   "    print('OSError', exc.errno)\n"
                   "print(ns['fresh'](), sys.is_stack_trampoline_active())\n")
-        pid, out, warnings = self.run_under_shim(
+        out, warnings, _ = self.run_faulty(
             {"FAULT_MAP_WRITE": errno.ENOSPC, "FAULT_AFTER": 0},
             ("-X", "perf"), script)
-        self.map_names(pid)
         self.assertEqual(out, f"OSError {errno.ENOSPC}\n7 False\n")
         self.assertEqual(warnings, [])
 
@@ -369,8 +361,7 @@ print(after(), sys.is_stack_trampoline_active())
              "FAULT_AFTER": 2}, (), script)
         child, status = map(int, out.split())
         for process in (pid, child):
-            self.map_names(process)
-            self.jitdump_loads(process)
+            self.check_files(process)
         self.assertEqual(status, 0)
         self.assert_warnings_name(warnings, [f"/tmp/jit-{child}.dump"])
 
@@ -431,11 +422,9 @@ print(after(), sys.is_stack_trampoline_active())
                   "print(g(), sys.is_stack_trampoline_active())\n")
         for backend in ("perf", "perf_jit"):
             with self.subTest(backend=backend):
-                pid, out, warnings = self.run_under_shim(
+                out, warnings, _ = self.run_faulty(
                     {"FAULT_MAP_WRITE": errno.ENOSPC}, (),
                     script.replace("sys.argv[1]", repr(backend)))
-                self.map_names(pid)
-                self.jitdump_loads(pid)
                 self.assertEqual(out, "2 True\n")
                 self.assert_warnings_name(warnings,
                                           ["/tmp/perf-", "/tmp/perf-"])

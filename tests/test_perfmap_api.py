@@ -45,6 +45,16 @@ class PerfMapAPITests(unittest.TestCase):
         return run([python(PATCHED), *args, "-c", code],
                    env=clean_env(), timeout=timeout).stdout
 
+    def dump_loads(self, pid):
+        """The code loads of pid's dump (read_jitdump() checks its
+        records); the dump and the map, which holds copied lines that
+        read_map() would refuse, are removed."""
+        try:
+            return read_jitdump(pid)[1]
+        finally:
+            remove_jit_files(pid)
+            os.unlink(f"/tmp/perf-{pid}.map")
+
     def test_symbols_exported(self):
         symbols = run(["nm", "-D", "--defined-only",
                        python(PATCHED)]).stdout.split()
@@ -180,12 +190,7 @@ class PerfMapAPITests(unittest.TestCase):
             sys.deactivate_stack_trampoline()
             print(pid)
         """, timeout=60)
-        pid = int(out)
-        try:
-            _, loads = read_jitdump(pid)
-        finally:
-            remove_jit_files(pid)
-            os.unlink(f"/tmp/perf-{pid}.map")   # holds the copied lines
+        loads = self.dump_loads(int(out))
         names = sorted(load["name"].split(":")[2] for load in loads)
         self.assertEqual(names, ["copied", "fine\u00a0\u20ac", "later",
                                  "mine"])
@@ -213,12 +218,7 @@ class PerfMapAPITests(unittest.TestCase):
             sys.deactivate_stack_trampoline()
             print(pid)
         """, timeout=60)
-        pid = int(out)
-        try:
-            _, loads = read_jitdump(pid)
-        finally:
-            remove_jit_files(pid)
-            os.unlink(f"/tmp/perf-{pid}.map")
+        loads = self.dump_loads(int(out))
         names = [load["name"] for load in loads]
         self.assertEqual(names.count("py::copied_while_on"), 1, names)
 

@@ -949,6 +949,15 @@ class PerfJitTests(unittest.TestCase):
         remove_map(pid)
         return names
 
+    def map_names_and_loads(self, pid):
+        """The names of pid's map and the code loads of its dump, both
+        checked by their readers; the files are removed."""
+        map_names = read_map(pid)
+        _, loads = read_jitdump(pid)
+        remove_map(pid)
+        remove_jit_files(pid)
+        return map_names, loads
+
     def test_chain_with_dwarf_unwinding(self):
         require_perf(self)
         stacks, _ = perf_stacks(SEED, "-X", "perf_jit", dwarf=True,
@@ -1049,10 +1058,7 @@ class PerfJitTests(unittest.TestCase):
             print(os.getpid())
         """
         pid = int(self.run_checked(script))
-        map_names = read_map(pid)
-        _, loads = read_jitdump(pid)
-        remove_map(pid)
-        remove_jit_files(pid)
+        map_names, loads = self.map_names_and_loads(pid)
         cut = [name for name in map_names if name.startswith("py::LLL")]
         self.assertEqual(len(cut), 1)
         self.assertTrue(cut[0].endswith("..."))
@@ -1073,10 +1079,7 @@ class PerfJitTests(unittest.TestCase):
             print(os.getpid())
         """
         pid = int(self.run_checked(script))
-        map_names = read_map(pid)
-        _, loads = read_jitdump(pid)
-        remove_map(pid)
-        remove_jit_files(pid)
+        map_names, loads = self.map_names_and_loads(pid)
         addrs = [load["addr"] for load in loads]
         self.assertEqual(len(addrs), len(set(addrs)))
         ours = [n for n in map_names if n.startswith("py::")]
@@ -1137,9 +1140,7 @@ class PerfJitTests(unittest.TestCase):
         (child, grandchild), (parent,) = (map(int, line.split())
                                           for line in out.splitlines())
         for pid in (parent, child, grandchild):
-            map_names = read_map(pid)
-            _, loads = read_jitdump(pid)
-            self.names(pid)     # removes the files
+            map_names, loads = self.map_names_and_loads(pid)
             addrs = [load["addr"] for load in loads]
             self.assertEqual(len(addrs), len(set(addrs)), pid)
             self.assertEqual(len(loads), len(map_names), pid)

@@ -127,17 +127,23 @@ def perf_env(backend, on):
 # Every way of measuring returns groups of (off, on) pairs: the pairs of
 # one process, or one pair of fresh processes (or loops of them).
 
-def fresh_process_pairs(python, workload, rounds, perf_args, *options):
-    run_one(python, [], workload)  # warm caches (.pyc files, disk)
+def alternating_pairs(rounds, time_mode):
+    """rounds groups of one (off, on) pair, time_mode(on) timing one run
+    of a mode: fresh processes, or loops of them."""
     groups = []
     for i in range(rounds):
         times = {}
         # Swap the order every round so neither mode always runs first.
-        for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
-            args = perf_args if mode == "on" else []
-            times[mode] = run_one(python, args, workload, *options)["once"]
-        groups.append([(times["off"], times["on"])])
+        for on in ((False, True) if i % 2 == 0 else (True, False)):
+            times[on] = time_mode(on)
+        groups.append([(times[False], times[True])])
     return groups
+
+
+def fresh_process_pairs(python, workload, rounds, perf_args, *options):
+    run_one(python, [], workload)  # warm caches (.pyc files, disk)
+    return alternating_pairs(rounds, lambda on: run_one(
+        python, perf_args if on else [], workload, *options)["once"])
 
 
 def toggled_pairs(python, workload, rounds, processes, backend):
@@ -188,21 +194,14 @@ def interpreter_pairs(python, workload, rounds, backend):
         on_args, on_env = ["-X", backend, *args], off_env
     else:
         on_args, on_env = args, perf_env(backend, True)
-    modes = {"off": (args, off_env), "on": (on_args, on_env)}
+    modes = {False: (args, off_env), True: (on_args, on_env)}
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         time_interpreters(python, args, off_env, count, devnull)  # warm up
-        groups = []
-        for i in range(rounds):
-            times = {}
-            for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
-                mode_args, env = modes[mode]
-                times[mode] = time_interpreters(python, mode_args, env,
-                                                count, devnull)
-            groups.append([(times["off"], times["on"])])
+        return alternating_pairs(rounds, lambda on: time_interpreters(
+            python, *modes[on], count, devnull))
     finally:
         os.close(devnull)
-    return groups
 
 
 def ratio_with_interval(groups, resamples=2000):

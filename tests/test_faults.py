@@ -304,23 +304,28 @@ class FaultTests(unittest.TestCase):
         # PyUnstable_PerfTrampoline_CompileCode reports the loss with its
         # exception, and perf mode stops as after a failure in the hook:
         # no later loss goes untold with perf mode on.
+        # Perf mode is turned on just before: the flusher, 10 ms later,
+        # must not be first to find the failure (a slow build's start-up
+        # and ctypes' import took that long).
         script = ("import ctypes, os, sys\n"
                   "print('pid', os.getpid(), file=sys.stderr)\n"
                   "compile_code = ctypes.pythonapi."
                   "PyUnstable_PerfTrampoline_CompileCode\n"
                   "compile_code.argtypes = [ctypes.py_object]\n"
+                  "write_out = ctypes.pythonapi.PyUnstable_PerfMapState_Fini\n"
                   "ns = {}\n"
-                  "exec('def fresh(): return 7', ns)\n"
-                  "ctypes.pythonapi.PyUnstable_PerfMapState_Fini()  "
-                  "# writes out the lines so far: that fails\n"
+                  "exec('def fresh(): return 7\\ndef before(): return 1',"
+                  " ns)\n"
+                  "sys.activate_stack_trampoline('perf')\n"
+                  "ns['before']()\n"
+                  "write_out()  # writes out the line so far: that fails\n"
                   "try:\n"
                   "    compile_code(ns['fresh'].__code__)\n"
                   "except OSError as exc:\n"
                   "    print('OSError', exc.errno)\n"
                   "print(ns['fresh'](), sys.is_stack_trampoline_active())\n")
         out, warnings, _ = self.run_faulty(
-            {"FAULT_MAP_WRITE": errno.ENOSPC, "FAULT_AFTER": 0},
-            ("-X", "perf"), script)
+            {"FAULT_MAP_WRITE": errno.ENOSPC, "FAULT_AFTER": 0}, (), script)
         self.assertEqual(out, f"OSError {errno.ENOSPC}\n7 False\n")
         self.assertEqual(warnings, [])
 

@@ -373,9 +373,12 @@ class FaultTests(unittest.TestCase):
     def test_failed_exec_reports_and_perf_mode_stops(self):
         # os.execv() writes the lines out and tells their loss; when it
         # fails, the next trampoline turns perf mode off.
+        # Perf mode is turned on just before, so that the flusher is not
+        # first to find the failure (see the CompileCode test).
         script = ("import os, sys\n"
                   "print('pid', os.getpid(), file=sys.stderr)\n"
                   "def f(): return 1\n"
+                  "sys.activate_stack_trampoline('perf')\n"
                   "f()\n"
                   "try:\n"
                   "    os.execv('/nonexistent', ['nonexistent'])\n"
@@ -384,7 +387,7 @@ class FaultTests(unittest.TestCase):
                   "def g(): return 2\n"
                   "print(g(), sys.is_stack_trampoline_active())\n")
         out, warnings, lines = self.run_faulty(
-            {"FAULT_MAP_WRITE": errno.ENOSPC}, script=script)
+            {"FAULT_MAP_WRITE": errno.ENOSPC}, args=(), script=script)
         self.assertEqual(out, f"OSError {errno.ENOENT}\n2 False\n")
         self.assert_warnings_name(warnings, ["/tmp/perf-", "/tmp/perf-"])
         self.assertEqual(lines, [])

@@ -11,7 +11,19 @@
    SIGKILL can lose the lines of the last 10 ms.  (With 1 ms, an import
    burst cost ten times the context switches: a wakeup and a lock
    handover per millisecond of new code.)  Lines of the
-   PyUnstable API go out at once, as in CPython 3.12. */
+   PyUnstable API go out at once, as in CPython 3.12.
+
+   A short process has no flusher.  A second thread costs a process more
+   than its start (measured on `python -c pass`: 3% of its wall time,
+   1 ms of CPU, in kernel time for the shared address space and in
+   glibc's malloc, which leaves its single-thread fast path for good), and
+   most processes that run with PYTHONPERFSUPPORT=1 set for a whole CI
+   job live a few tens of milliseconds.  So for its first THREAD_AFTER_NS
+   in perf mode a process writes its entries itself: while any are
+   pending, every Python frame takes the hook's slow path, which polls
+   (_PyPerfFlusher_Poll) and writes them once they are due.  A young
+   process that stops running Python frames (a call-free loop, a blocking
+   call) keeps them until it runs one again, forks, execs or exits. */
 
 #include "Python.h"
 
@@ -26,6 +38,9 @@
 #define PENDING_BYTES (64 * 1024)
 #define FLUSH_DELAY_NS (10 * 1000 * 1000)
 #define FLUSHER_STACK_SIZE (64 * 1024)
+#define THREAD_AFTER_NS (100 * 1000 * 1000)
+/* The hook reads the clock once every POLL_FRAMES frames it polls. */
+#define POLL_FRAMES 16
 
 /* The outputs (perf_internal.h), in the order their entries are
    written. */
@@ -52,6 +67,7 @@ static struct {
     int writing;                /* the flusher is writing, unlocked */
     pthread_cond_t written;     /* it has finished */
     int adopt;                  /* a forked child's map is to be filled */
+    struct timespec since;      /* perf mode's start in this process */
     /* What the flusher is writing: entries copied out of the buffers
        above, which take new entries meanwhile.  Only the flusher uses
        it. */
@@ -453,6 +469,7 @@ static void
 fork_child(void)
 {
     _PyPerfFiles_RefreshPid();
+    clock_gettime(CLOCK_MONOTONIC, &pending.since);
     pending.flusher_owner = 0;
     pending.adopt = 0;              /* the child's first frame decides */
     init_flusher_conditions();      /* it may have had the flusher waiting */
@@ -470,17 +487,25 @@ void
 _PyPerfFlusher_InstallProcessHooks(void)
 {
     _PyPerfFiles_RefreshPid();
+    clock_gettime(CLOCK_MONOTONIC, &pending.since);
     init_flusher_conditions();
     (void)pthread_atfork(fork_prepare, fork_parent, fork_child);
     (void)atexit(_PyPerfFlusher_Flush);
 }
 
-/* The first entries since the last write: the flusher writes them
-   FLUSH_DELAY_NS from now. */
-static void
-set_due_time_locked(void)
+static int64_t
+ns_between(const struct timespec *from, const struct timespec *to)
 {
-    clock_gettime(CLOCK_MONOTONIC, &pending.due);
+    return (int64_t)(to->tv_sec - from->tv_sec) * 1000000000
+           + (to->tv_nsec - from->tv_nsec);
+}
+
+/* The first entries since the last write are due FLUSH_DELAY_NS after
+   now. */
+static void
+set_due_time_locked(const struct timespec *now)
+{
+    pending.due = *now;
     pending.due.tv_nsec += FLUSH_DELAY_NS;
     if (pending.due.tv_nsec >= 1000000000) {
         pending.due.tv_sec++;
@@ -489,19 +514,69 @@ set_due_time_locked(void)
     pthread_cond_broadcast(&pending.wakeup);
 }
 
-/* Have the flusher run FLUSH_DELAY_NS from now, unless something is
-   pending already.  Returns -1 if no flusher can be started.  Caller
-   holds the lock. */
+_Py_atomic_int _PyPerfFlusher_polls;
+
+static void
+set_hook_polls(int polls)
+{
+    _Py_atomic_store_relaxed(&_PyPerfFlusher_polls, polls);
+}
+
+/* Have the pending entries written FLUSH_DELAY_NS from now, unless some
+   are pending already: by the hook in a process young in perf mode, by
+   the flusher (started if need be) in an older one.  Returns -1 if no
+   flusher can be started.  Caller holds the lock. */
 static int
 schedule_flusher_locked(void)
 {
-    if (start_flusher_locked() < 0) {
+    if (!nothing_pending()) {
+        return 0;
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (pending.flusher_owner != _PyPerfFiles_Pid()
+        && ns_between(&pending.since, &now) < THREAD_AFTER_NS)
+    {
+        set_hook_polls(1);
+    }
+    else if (start_flusher_locked() < 0) {
         return -1;
     }
-    if (nothing_pending()) {
-        set_due_time_locked();
-    }
+    set_due_time_locked(&now);
     return 0;
+}
+
+/* The pending entries of a process without a flusher: written once due,
+   or handed to a flusher once the process is no longer young.  Called by
+   the hook, with the GIL, for every POLL_FRAMES-th frame it polls; stops
+   its polls when nothing is left to write. */
+void
+_PyPerfFlusher_Poll(void)
+{
+    static unsigned int frames;
+    if (++frames % POLL_FRAMES != 0) {
+        return;
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    pthread_mutex_lock(&_PyPerfFiles_mutex);
+    if (pending.flusher_owner != _PyPerfFiles_Pid() && !nothing_pending()) {
+        if (ns_between(&pending.since, &now) >= THREAD_AFTER_NS
+            && start_flusher_locked() == 0)
+        {
+            pthread_cond_broadcast(&pending.wakeup);  /* it takes them */
+        }
+        else if (ns_between(&pending.due, &now) >= 0) {
+            if (pending.adopt) {
+                adopt_parent_lines_locked();
+            }
+            _PyPerfFlusher_FlushLocked();
+        }
+    }
+    if (pending.flusher_owner == _PyPerfFiles_Pid() || nothing_pending()) {
+        set_hook_polls(0);
+    }
+    pthread_mutex_unlock(&_PyPerfFiles_mutex);
 }
 
 /* Make room for len more bytes in buffer, and start the flush delay if

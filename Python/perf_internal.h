@@ -24,6 +24,7 @@
 
 #ifdef PY_HAVE_PERF_TRAMPOLINE
 
+#include "pycore_atomic.h"        // _Py_atomic_int
 #include "pycore_frame.h"         // _PyInterpreterFrame
 
 #include <errno.h>                // EBUSY
@@ -224,6 +225,17 @@ extern void _PyPerfFlusher_QueueJitdumpLocked(uintptr_t addr,
 /* A forked child's first Python frame: it gets its own map and dump with
    its parent's lines, soon (see perf_flusher.c). */
 extern void _PyPerfFlusher_ScheduleAdoption(void);
+/* Set while entries wait in a process without a flusher: the hook polls
+   for every frame, which takes its slow path meanwhile. */
+extern _Py_atomic_int _PyPerfFlusher_polls;
+static inline int
+_PyPerfFlusher_HookPolls(void)
+{
+    return _Py_atomic_load_relaxed(&_PyPerfFlusher_polls);
+}
+/* Write the pending entries if they are due (see perf_flusher.c).  With
+   the GIL. */
+extern void _PyPerfFlusher_Poll(void);
 /* A deferred write that failed and was not reported yet: its output, with
    errno set, and forgotten; or NULL.  The caller reports it. */
 extern perf_output *_PyPerfFlusher_TakeError(void);

@@ -403,7 +403,13 @@ evaluate_slow(PyThreadState *tstate, _PyInterpreterFrame *frame,
         hook.adoption_pending = 0;
         _PyPerfFlusher_ScheduleAdoption();
     }
+    if (_PyPerfFlusher_HookPolls()) {
+        _PyPerfFlusher_Poll();
+    }
     py_trampoline code = find_or_make_trampoline(tstate, frame->f_code);
+    if (_PyPerfFlusher_HookPolls()) {
+        hook.fast_interp = NULL;    /* the next frame polls too */
+    }
     if (code == NULL) {
         return _PyEval_EvalFrameDefault(tstate, frame, throwflag);
     }

@@ -18,7 +18,7 @@ from support import PATCHED, ROOT, clean_env, python, read_map_entries, run
 from test.test_perf_profiler import read_jitdump
 
 SHIM_SOURCE = os.path.join(ROOT, "tests", "faults", "faultshim.c")
-FUNCTIONS = 10_000     # more trampolines than the first 64 KiB arena holds
+FUNCTIONS = 10_000     # more trampolines than the first three arenas hold
 WORK = f"""
 import os, sys
 print("pid", os.getpid(), file=sys.stderr)
@@ -102,13 +102,13 @@ class FaultTests(unittest.TestCase):
         self.assertIn(reason, warnings[0])
 
     def test_no_memory_for_the_first_arena(self):
-        out, warnings, lines = self.run_faulty({"FAULT_ARENA_SIZE": 65536})
+        out, warnings, lines = self.run_faulty({"FAULT_ARENA_SIZE": 16384})
         self.assertEqual(out, EXPECTED)
         self.assert_one_warning(warnings, "Cannot allocate memory")
         self.assertEqual(lines, [])
 
     def test_no_memory_for_a_later_arena(self):
-        # Perf mode stops where the first arena (64 KiB) is full.
+        # Perf mode stops where the third arena (16 + 32 + 64 KiB) is full.
         out, warnings, lines = self.run_faulty({"FAULT_ARENA_SIZE": 131072})
         self.assertEqual(out, EXPECTED)
         self.assert_one_warning(warnings, "Cannot allocate memory")
@@ -468,7 +468,7 @@ with open(f"/tmp/perf-{os.getpid()}.map", "rb") as f:
                   "except OSError as exc:\n"
                   "    print('OSError', exc.errno)\n"
                   "print(sys.is_stack_trampoline_active())\n")
-        cases = [({"FAULT_ARENA_SIZE": 65536}, errno.ENOMEM),
+        cases = [({"FAULT_ARENA_SIZE": 16384}, errno.ENOMEM),
                  ({"FAULT_RESERVE": 1}, errno.ENOMEM),
                  ({"FAULT_MPROTECT_EXEC": 1}, errno.EACCES),
                  ({"FAULT_MAP_OPEN": errno.EACCES}, errno.EACCES)]

@@ -15,6 +15,7 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
+import time
 import typing
 import unittest
 
@@ -1197,29 +1198,73 @@ class DeferredLinesTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         return out
 
-    def test_lines_reach_the_map_while_idle(self):
-        # No code runs after the functions: the helper alone writes them.
-        script = """
-            import os, time
-            src = "\\n".join(f"def idle{i}(): return {i}"
-                              for i in range(300))
-            exec(src)
-            total = sum(globals()[f"idle{i}"]() for i in range(300))
-            start = time.monotonic()
-            path = f"/tmp/perf-{os.getpid()}.map"
-            while time.monotonic() - start < 10:
-                with open(path) as f:
-                    if f.read().count(" py::idle") == 300:
-                        break
-                time.sleep(0.0005)
-            print(os.getpid(), time.monotonic() - start)
-        """
-        out = self.run_checked(script, "-X", "perf")
-        pid, waited = out.split()
+    # 300 new functions, then a wait for their lines in the map of the
+    # process, in the process itself: a loop that runs a Python frame
+    # (no_idle) in every pass.
+    WAIT_FOR_OWN_LINES = """
+        import os, time
+        src = "\\n".join(f"def idle{i}(): return {i}"
+                          for i in range(300))
+        exec(src)
+        total = sum(globals()[f"idle{i}"]() for i in range(300))
+        def not_idle(): return 0
+        start = time.monotonic()
+        path = f"/tmp/perf-{os.getpid()}.map"
+        while time.monotonic() - start < 10:
+            not_idle()
+            with open(path) as f:
+                if f.read().count(" py::idle") == 300:
+                    break
+            time.sleep(0.0005)
+        print(os.getpid(), time.monotonic() - start,
+              len(os.listdir("/proc/self/task")))
+    """
+
+    def test_short_process_writes_its_lines_itself(self):
+        # A process in its first 100 ms of perf mode has no helper thread
+        # (a thread costs a short process more than all the rest of perf
+        # mode): the hook writes the lines 10 ms after the first of them,
+        # while the process runs Python code.
+        out = self.run_checked(self.WAIT_FOR_OWN_LINES, "-X", "perf")
+        pid, waited, threads = out.split()
         names = read_map(int(pid))
         remove_map(int(pid))
         self.assertEqual(sum(n.startswith("py::idle") for n in names), 300)
         self.assertLess(float(waited), 2.0)
+        self.assertEqual(threads, "1")
+
+    def test_lines_reach_the_map_while_idle(self):
+        # A process older than that, which makes new code and then waits
+        # in C (a service between requests): the helper writes the lines.
+        script = """
+            import os, sys, time
+            time.sleep(0.2)
+            src = "\\n".join(f"def idle{i}(): return {i}"
+                              for i in range(300))
+            exec(src)
+            total = sum(globals()[f"idle{i}"]() for i in range(300))
+            print(os.getpid(), flush=True)
+            sys.stdin.read()
+        """
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "perf", "-c", textwrap.dedent(script)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=clean_env())
+        try:
+            pid = int(proc.stdout.readline())
+            start = time.monotonic()
+            while time.monotonic() - start < 10:
+                names = read_map(pid)
+                if sum(n.startswith("py::idle") for n in names) == 300:
+                    break
+                time.sleep(0.001)
+            waited = time.monotonic() - start
+        finally:
+            proc.communicate("")
+            remove_map(pid)
+        self.assertEqual(proc.returncode, 0)
+        self.assertEqual(sum(n.startswith("py::idle") for n in names), 300)
+        self.assertLess(waited, 2.0)
 
     def assert_named_before_leaving(self, leave):
         """A function run just before leave (a statement that ends the
@@ -1341,8 +1386,11 @@ class DeferredLinesTests(unittest.TestCase):
             import os, signal
             handled = [signal.SIGINT, signal.SIGTERM, signal.SIGCHLD,
                        signal.SIGALRM, signal.SIGUSR1, signal.SIGHUP]
+            import time
+            time.sleep(0.2)     # the helper starts with the next lines
             def f(): return 1
-            f()
+            for _ in range(100):
+                f()
             for tid in os.listdir("/proc/self/task"):
                 with open(f"/proc/self/task/{tid}/comm") as f:
                     if f.read().strip() != "perf-map-flush":

@@ -3,14 +3,12 @@
    an SELinux policy would.  Configured by environment variables, read once
    when the shim is loaded:
 
-     FAULT_ARENA_SIZE=N    making exactly N bytes of anonymous memory
-                           read+write fails with ENOMEM: an mprotect() of
-                           N bytes to read+write (perf arenas are carved
-                           so out of a reservation), or an mmap() of an
-                           anonymous read+write mapping of N bytes.  Perf
-                           arenas are 64 KiB doubling up to 4 MiB; malloc
-                           never maps exactly such sizes (it adds its
-                           header).
+     FAULT_ARENA_SIZE=N    an mprotect() of exactly N bytes to
+                           read+write fails with ENOMEM: making a perf
+                           arena of N bytes out of the reservation.
+                           Perf arenas are 16 KiB doubling up to 4 MiB.
+                           (mmap() is left alone: the C library and
+                           Python map 16 KiB read+write themselves.)
      FAULT_RESERVE=1       mmap() of an anonymous PROT_NONE reservation of
                            16 MiB or more fails with ENOMEM (a tight
                            address-space limit, ulimit -v).
@@ -126,10 +124,9 @@ is_target_fd(int fd)
 static int
 failed_mmap(size_t len, int prot, int flags)
 {
-    int arena = (long)len == arena_size && prot == (PROT_READ | PROT_WRITE);
     int reservation = reserve_fails && prot == PROT_NONE
                       && len >= ((size_t)16 << 20);
-    if ((arena || reservation) && (flags & MAP_ANONYMOUS) && should_fail()) {
+    if (reservation && (flags & MAP_ANONYMOUS) && should_fail()) {
         errno = ENOMEM;
         return 1;
     }

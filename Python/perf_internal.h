@@ -14,6 +14,8 @@
                             the thread that writes them, fork and exit
      perf_jit_trampoline.c  _PyPerfJit_      /tmp/jit-<pid>.dump (perf_jit)
      perf_jit_unwind.c      _PyPerfUnwind_   DWARF unwinding tables for it
+     perf_attach.c          _PyPerfAttach_   perf mode turned on or off from
+                            outside the process (Tools/perf/attach.py)
 
    "Locked" functions expect the caller to hold the files' lock
    (_PyPerfFiles_Lock).  Functions returning int return 0, or -1 with
@@ -21,6 +23,13 @@
 
 #ifndef Py_PERF_INTERNAL_H
 #define Py_PERF_INTERNAL_H
+
+/* perf_trampoline.c, in every build: switch perf mode in tstate's
+   interpreter as the sys functions do, on with the backend `name`, or off
+   if name is NULL, for a request from outside (perf_attach.c).  A failure
+   is printed as one line on stderr, not raised.  Returns 0, or -1 if it
+   failed. */
+extern int _PyPerfTrampoline_Switch(PyThreadState *tstate, const char *name);
 
 #ifdef PY_HAVE_PERF_TRAMPOLINE
 

@@ -85,9 +85,29 @@ perf_requested(const PyConfig *config)
     return backend;
 }
 
-#ifdef PY_HAVE_PERF_TRAMPOLINE
+/* Print the exception set as one line on stderr, "python: perf support
+   <what>: <its text>" (or `fallback` if it has none), and clear it: for
+   failures that no Python code asked to hear of. */
+static void
+print_error(const char *what, const char *fallback)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *msg = value ? PyObject_Str(value) : NULL;
+    const char *text = msg ? PyUnicode_AsUTF8(msg) : NULL;
+    fprintf(stderr, "python: perf support %s: %s\n", what,
+            text ? text : fallback);
+    fflush(stderr);
+    PyErr_Clear();
+    Py_XDECREF(msg);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+}
 
-#include "perf_internal.h"
+#include "perf_internal.h"        // _PyPerfTrampoline_Switch()
+
+#ifdef PY_HAVE_PERF_TRAMPOLINE
 
 #include <sys/resource.h>         // getrlimit()
 #include <sys/auxv.h>             // getauxval()
@@ -216,18 +236,7 @@ static PyObject *py_trampoline_evaluator(PyThreadState *,
 static void
 disable_after_failure(PyThreadState *tstate)
 {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *msg = value ? PyObject_Str(value) : NULL;
-    const char *text = msg ? PyUnicode_AsUTF8(msg) : NULL;
-    fprintf(stderr, "python: perf support disabled: %s\n",
-            text ? text : "cannot create a trampoline");
-    fflush(stderr);
-    PyErr_Clear();
-    Py_XDECREF(msg);
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(tb);
+    print_error("disabled", "cannot create a trampoline");
     if (tstate->interp->eval_frame == py_trampoline_evaluator) {
         _PyInterpreterState_SetEvalFrameFunc(tstate->interp, NULL);
     }
@@ -747,6 +756,28 @@ sys_is_stack_trampoline_active(PyObject *Py_UNUSED(module),
                                PyObject *Py_UNUSED(args))
 {
     return PyBool_FromLong(is_active(_PyInterpreterState_GET()));
+}
+
+/* A request from outside the process (perf_attach.c): what the sys
+   functions would do, with nobody to raise an exception to. */
+int
+_PyPerfTrampoline_Switch(PyThreadState *tstate, const char *name)
+{
+    int res;
+    if (name != NULL) {
+        res = activate_named(tstate, name);
+    }
+    else {
+        res = refuse_foreign_hook(tstate->interp);
+        if (res == 0) {
+            deactivate(tstate->interp);
+        }
+    }
+    if (res < 0) {
+        print_error(name != NULL ? "not turned on" : "not turned off",
+                    "unknown error");
+    }
+    return res;
 }
 
 PyMethodDef _PyPerfTrampoline_SysMethods[] = {

@@ -20,6 +20,12 @@ PyAPI_FUNC(int) PyUnstable_CopyPerfMapFile(const char *parent_filename);
 PyAPI_FUNC(int) PyUnstable_PerfTrampoline_CompileCode(PyCodeObject *);
 PyAPI_FUNC(int) PyUnstable_PerfTrampoline_SetPersistAfterFork(int enable);
 
+/* Perf mode turned on or off from outside the process, by a debugger
+   (Tools/perf/attach.py): safe to call at any instruction, from any
+   thread, without the GIL.  Not in CPython 3.12 or 3.13. */
+PyAPI_FUNC(int) PyUnstable_PerfTrampoline_Request(int backend);
+PyAPI_FUNC(int) PyUnstable_PerfTrampoline_RequestStatus(int request);
+
 #ifdef __cplusplus
 }
 #endif

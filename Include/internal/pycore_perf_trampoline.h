@@ -24,6 +24,11 @@ extern void _PyPerfTrampoline_Fini(void);
    buffered (exit() and Py_FinalizeEx() do that themselves). */
 extern void _PyPerfTrampoline_FlushMap(void);
 
+/* Called where the main thread checks for signals, with the GIL: carry
+   out a request made by PyUnstable_PerfTrampoline_Request() (see
+   Python/perf_attach.c). */
+extern void _PyPerfAttach_RunRequest(PyThreadState *tstate);
+
 /* sys.activate_stack_trampoline() and friends, added to the sys module. */
 extern PyMethodDef _PyPerfTrampoline_SysMethods[];
 

@@ -1,0 +1,145 @@
+/* Perf mode turned on or off from outside the process.
+
+   A service started without -X perf can be profiled without a restart:
+   Tools/perf/attach.py has gdb call PyUnstable_PerfTrampoline_Request()
+   in it.  gdb stops the process at any instruction, where any thread may
+   hold the GIL, the allocator's locks or perf support's own lock, and runs
+   the function on one thread while the others stay stopped.  So the
+   request only records what is asked, with lock-free atomic operations,
+   and trips the main interpreter's eval breaker the way the C signal
+   handler does (_PyEval_SignalReceived() is async-signal-safe): it takes
+   no lock, allocates nothing and calls no Python API, so it cannot wait
+   for a stopped thread.
+
+   The main thread carries the request out where Python's signal handlers
+   run, with the GIL: _PyErr_CheckSignalsTstate() calls
+   _PyPerfAttach_RunRequest() (patch 0015), between two bytecodes or in a C
+   function that checks for signals.  It does what a Python signal handler
+   calling sys.activate_stack_trampoline() or
+   sys.deactivate_stack_trampoline() would do there, except that a failure
+   is one line on stderr: the program must not see an exception it did not
+   cause.  PyUnstable_PerfTrampoline_RequestStatus() tells the caller when
+   that has happened, again without a lock. */
+
+#include "Python.h"
+#include "pycore_ceval.h"         // _PyEval_SignalReceived()
+#include "pycore_perf_trampoline.h"
+#include "pycore_pyerrors.h"      // _PyErr_Fetch()
+#include "pycore_pystate.h"       // _Py_ThreadCanHandleSignals()
+#include "pycore_runtime.h"       // _PyRuntime
+
+#include "perf_internal.h"        // _PyPerfTrampoline_Switch()
+
+#include <stdatomic.h>
+#include <unistd.h>               // getpid()
+
+/* Lock-free operations are what make the request safe in a stopped
+   process (and in a signal handler). */
+_Static_assert(ATOMIC_INT_LOCK_FREE == 2, "int atomics must be lock-free");
+
+/* The backends by their number in the C API; NULL turns perf mode off. */
+static const char *const backend_names[] = {NULL, "perf", "perf_jit"};
+#define BACKEND_COUNT ((int)Py_ARRAY_LENGTH(backend_names))
+
+/* A request is its number (1, 2, ... in the order they were made; a
+   process makes far fewer than 2**29) and its backend, in one word:
+   number * 4 + backend. */
+#define REQUEST_WORD(number, backend) ((number) << 2 | (unsigned int)(backend))
+#define REQUEST_NUMBER(word) ((word) >> 2)
+#define REQUEST_BACKEND(word) ((int)((word) & 3))
+
+static struct {
+    atomic_uint made;       /* requests made so far */
+    atomic_uint pending;    /* the newest request not carried out, or 0 */
+    atomic_int pid;         /* the process the newest request was made in */
+    /* The newest request carried out: number * 2, plus 1 if it failed.
+       Written by the main thread only. */
+    atomic_uint done;
+} attach;
+
+int
+PyUnstable_PerfTrampoline_Request(int backend)
+{
+    if (backend < 0 || backend >= BACKEND_COUNT) {
+        return -1;
+    }
+    /* Only a running interpreter checks for signals.  Its state is in
+       _PyRuntime, which is never freed, so a finalization that starts
+       just after this check cannot pull it away. */
+    if (!_PyRuntime.initialized
+        || _PyRuntimeState_GetFinalizing(&_PyRuntime) != NULL)
+    {
+        return -2;
+    }
+    unsigned int number = atomic_fetch_add(&attach.made, 1) + 1;
+    unsigned int word = REQUEST_WORD(number, backend);
+    atomic_store(&attach.pid, getpid());
+    /* Replace an older pending request, not a newer one made meanwhile
+       from another thread. */
+    unsigned int pending = atomic_load(&attach.pending);
+    while (REQUEST_NUMBER(pending) < number
+           && !atomic_compare_exchange_weak(&attach.pending, &pending, word))
+    {
+    }
+    /* The request is visible before the eval breaker is tripped. */
+    atomic_thread_fence(memory_order_seq_cst);
+    PyInterpreterState *interp = _PyInterpreterState_Main();
+    _PyEval_SignalReceived(interp);
+    /* That sets the eval breaker only when called from the main thread;
+       a debugger may call from another.  Set it anyway, as Windows does:
+       the main thread handles it at its next check, other threads clear
+       it when they next compute it. */
+    _Py_atomic_store_relaxed(&interp->ceval.eval_breaker, 1);
+    return (int)number;
+}
+
+int
+PyUnstable_PerfTrampoline_RequestStatus(int request)
+{
+    unsigned int done = atomic_load(&attach.done);
+    if (request <= 0 || done / 2 < (unsigned int)request) {
+        return 0;
+    }
+    return done % 2 ? -1 : 1;
+}
+
+/* Switch perf mode as asked, keeping an exception being raised (a C
+   function may check for signals with one set) out of the way.  Returns
+   -1 if it failed; the failure was printed. */
+static int
+carry_out(PyThreadState *tstate, int backend)
+{
+    PyObject *type, *value, *tb;
+    _PyErr_Fetch(tstate, &type, &value, &tb);
+    int res = _PyPerfTrampoline_Switch(tstate, backend_names[backend]);
+    _PyErr_Restore(tstate, type, value, tb);
+    return res;
+}
+
+void
+_PyPerfAttach_RunRequest(PyThreadState *tstate)
+{
+    /* The eval breaker or a signal led here: the load must not see the
+       word from before the request that tripped it. */
+    atomic_thread_fence(memory_order_acquire);
+    if (atomic_load_explicit(&attach.pending, memory_order_relaxed) == 0) {
+        return;
+    }
+    /* Another thread or interpreter than the one signals are for, or the
+       end of the interpreter: the main thread finds it later, or never. */
+    if (!_Py_ThreadCanHandleSignals(tstate->interp)
+        || _PyRuntimeState_GetFinalizing(&_PyRuntime) != NULL)
+    {
+        return;
+    }
+    unsigned int word = atomic_exchange(&attach.pending, 0);
+    /* A forked child does not carry out what was asked of its parent. */
+    if (word == 0 || atomic_load(&attach.pid) != getpid()) {
+        return;
+    }
+    int failed = carry_out(tstate, REQUEST_BACKEND(word)) < 0;
+    unsigned int number = REQUEST_NUMBER(word);
+    if (number > atomic_load(&attach.done) / 2) {
+        atomic_store(&attach.done, number * 2 + (unsigned int)failed);
+    }
+}

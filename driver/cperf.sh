@@ -26,7 +26,7 @@ JOBS=$(nproc)
 
 REQUIRED_PACKAGES="autoconf pkg-config build-essential
     libffi-dev zlib1g-dev libssl-dev linux-perf rsync util-linux valgrind
-    python3-sphinx"
+    python3-sphinx gdb"
 OPTIONAL_PACKAGES="libbz2-dev liblzma-dev libsqlite3-dev libreadline-dev
     libgdbm-dev libgdbm-compat-dev uuid-dev libncurses-dev"
 # Real code for make bench (Tools/perf/bench/workloads/debian.py): pure

@@ -17,7 +17,7 @@ main thread carries the request out the next time it checks for signals,
 that is as soon as it runs Python code; a main thread blocked in a C call,
 a lock or a sleep does it when that returns.  The command then asks, with
 gdb again, until the request was carried out or --timeout seconds passed.
-Each gdb call stops the process for about 25 ms (gdb reads only the
+Each gdb call stops the process for 25-30 ms (gdb reads only the
 symbol tables, and runs the call on one thread with the others stopped).
 
 Before any of that, the executable files the process maps are searched
@@ -268,7 +268,14 @@ def wait_for(pid, library, number, timeout):
         if time.monotonic() + delay > deadline:
             return 0
         time.sleep(delay)
-        check_state(pid)
+        try:
+            state = read_status(pid).get("State", "X")
+        except Failure:
+            state = "X"
+        if state[:1] in "ZX":
+            raise Failure(f"PID {pid} exited before telling whether it did")
+        if state[:1] in "Tt":
+            continue            # stopped meanwhile: it cannot do it now
         status = gdb_call(pid, library, STATUS, number)
         if status != 0:
             return status
@@ -285,6 +292,7 @@ def map_path(pid, status):
 
 def attach(pid, backend, timeout):
     status = check_state(pid)
+    program = program_of(pid)
     if shutil.which("gdb") is None:
         raise Failure("gdb is needed (Debian: apt-get install gdb)")
     where = find_request_function(pid)
@@ -298,7 +306,7 @@ def attach(pid, backend, timeout):
     if number <= 0:
         raise Failure(f"PID {pid} refused the request ({number})")
     what = "off" if backend == "off" else f"on ({backend})"
-    print(f"{PROG}: asked PID {pid} ({program_of(pid)}) to turn perf mode "
+    print(f"{PROG}: asked PID {pid} ({program}) to turn perf mode "
           f"{what}; its main thread does it when it next runs Python code")
     result = wait_for(pid, library, number, timeout)
     if result == 0:

@@ -972,7 +972,9 @@ cmd_viewers() {
 cmd_check_browser() {
     cmd_viewers
     STEP=check-browser
-    install_packages chromium
+    # The emoji font: speedscope's tabs and buttons carry emoji, which
+    # a desktop shows and a bare chromium draws as empty boxes.
+    install_packages chromium fonts-noto-color-emoji
     # shellcheck disable=SC2086
     npm_install $BROWSER_NPM
     "$BUILD/obj/python" "$ROOT/tests/check_browser.py"

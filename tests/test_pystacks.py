@@ -292,6 +292,11 @@ THREADS = (
     "\t    1300 foo_call+0x3 (/usr/lib/libfoo.so)\n\n")
 
 
+# THREADS as perf script -F comm,pid,tid,ip,sym,symoff,dso prints it: no
+# time, period or event.
+PLAIN = re.sub(r" \[\d+\] \S+: \d+ cpu-clock:ppp:", "", THREADS)
+
+
 class OutputFormatTests(unittest.TestCase):
     """The three outputs of THREADS."""
 
@@ -347,16 +352,16 @@ class OutputFormatTests(unittest.TestCase):
              "samples": [[3, 5]], "weights": [5]}])
 
     def test_speedscope_without_times_and_periods(self):
-        # perf script -F comm,tid,ip,sym: input order, each sample 1.
-        plain = re.sub(r" \[\d+\] \S+: \d+ cpu-clock:ppp:", "", THREADS)
-        self.assertNotIn("cpu-clock", plain)
-        profile = self.speedscope(plain)["profiles"][0]
+        # In input order, each sample weighing 1.
+        profile = self.speedscope(PLAIN)["profiles"][0]
         self.assertEqual((profile["name"], profile["unit"]),
                          ("python (pid 42, tid 43)", "none"))
         self.assertEqual(profile["samples"], [[0, 1], [2, 1], [3, 4],
                                               [3, 6]])
         self.assertEqual(profile["weights"], [1, 1, 1, 1])
-        raw = self.pprof(plain, "-raw")
+
+    def test_pprof_without_times_and_periods(self):
+        raw = self.pprof(PLAIN, "-raw")
         self.assertIn("\nsamples/count\n", raw)
         self.assertIn("PeriodType:  \nPeriod: 0\n", raw)   # none
         self.assertNotIn("Duration", raw)

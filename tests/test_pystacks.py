@@ -360,6 +360,26 @@ class OutputFormatTests(unittest.TestCase):
                                               [3, 6]])
         self.assertEqual(profile["weights"], [1, 1, 1, 1])
 
+    def test_two_events(self):
+        # perf record -e cpu-clock,sched:sched_switch: each event's
+        # samples are profiles and a column of values of their own.
+        switch = ("python 42/43 [000] 2.700000: 1 sched:sched_switch:"
+                  " prev_comm=python\n"
+                  "\t    7f01 py::leaf:/app/a.py+0x5 (/tmp/perf-42.map)\n"
+                  "\t    7f03 py::<module>:/app/a.py+0x5 (/tmp/perf-42.map)"
+                  "\n\n")
+        names = [(p["name"], p["unit"], p["weights"]) for p in
+                 self.speedscope(THREADS + switch)["profiles"]]
+        self.assertEqual(names[2], ("python (pid 42, tid 43) "
+                                    "sched:sched_switch", "none", [1]))
+        raw = self.pprof(THREADS + switch, "-raw")
+        self.assertIn("samples/count cpu-clock/nanoseconds "
+                      "sched:sched_switch/count\n", raw)
+        self.assertIn("PeriodType:  \nPeriod: 0\n", raw)   # not one event
+        # pprof adds up the samples of a stack and thread: a.py's
+        # <module>;leaf has 1 + 1 samples, 10 ns of cpu-clock and 1 switch.
+        self.assertRegex(raw, r"\n +2 +10 +1: 1 3 \n")
+
     def test_pprof_without_times_and_periods(self):
         raw = self.pprof(PLAIN, "-raw")
         self.assertIn("\nsamples/count\n", raw)

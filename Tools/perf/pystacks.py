@@ -66,6 +66,8 @@ HEADER_LINE = re.compile(
     r"(?:\s+\[\d+\])?(?:\s+(?P<time>\d+\.\d+):)?"
     r"(?:\s+(?P<period>\d+)\s+(?P<event>\S+):(?=\s|$))?(?:\s.*)?$")
 OFFSET = re.compile(r"\+0x[0-9a-fA-F]+$")
+# perf's event modifiers, as in "cycles:ukppp" (perf list --help).
+MODIFIERS = re.compile(r"[ukhIGHpPSDWeb]+")
 
 # A frame of a folded stack: a Python function (name = qualified name,
 # file = its source file) or a C one (name = symbol, file = the shared
@@ -190,8 +192,10 @@ def label(frame, with_file):
 
 
 def event_name(event):
-    """"cpu-clock:ppp" without its modifiers; "" when perf named none."""
-    return (event or "").partition(":")[0]
+    """"cpu-clock:ppp" without its modifiers ("sched:sched_switch" stays
+    whole); "" when perf named none."""
+    name, _, modifiers = (event or "").rpartition(":")
+    return name if name and MODIFIERS.fullmatch(modifiers) else event or ""
 
 
 def clock_event(event):

@@ -45,7 +45,15 @@ def record_seed(tmp):
         # (perf mode's map flusher is a second thread).
         subprocess.run(["perf", "script", "-F", "+pid", "-i", data],
                        stdout=out, stderr=subprocess.DEVNULL, check=True)
+    # perf script has named the trampolines: the seed's map has served.
+    os.unlink(f"/tmp/perf-{seed_pid(script)}.map")
     return script
+
+
+def seed_pid(script):
+    """The process id in the first sample of perf script -F +pid text."""
+    with open(script) as f:
+        return int(f.readline().split()[1].split("/")[0])
 
 
 def need_viewer(path):
@@ -156,8 +164,7 @@ class RealProfileTests(unittest.TestCase):
         self.assertTrue(any("py::foo:" in s for s in everything))
         proc = pystacks("--comm", "no-such-command", self.script)
         self.assertEqual((proc.returncode, proc.stdout), (0, ""))
-        with open(self.script) as f:
-            pid = int(f.readline().split()[1].split("/")[0])
+        pid = seed_pid(self.script)
         self.assertEqual(folded(pystacks("--pid", str(pid),
                                          self.script).stdout),
                          folded(pystacks(self.script).stdout))

@@ -16,7 +16,7 @@ export CPYTHON_SRC FRAME_POINTERS PREFIX
 
 .PHONY: all build demo test check-full check-asan bench docs stock cross \
 	nofp debug asan dist install clean distclean deps fetch prepare \
-	regen-configure check-fresh deb check-deb anchor
+	regen-configure check-fresh deb check-deb anchor viewers check-browser
 
 all: build
 
@@ -44,8 +44,18 @@ debug:
 asan:
 	@$(DRIVER) asan
 
-test: build stock cross nofp debug check-fresh
+test: build stock cross nofp debug check-fresh viewers
 	@build/obj/python tests/run_all.py
+
+# The readers of pystacks' outputs that the tests use (Go's pprof built
+# from Debian's source, speedscope's schema and ajv from npm), and the
+# seed's profile in speedscope in headless chromium (not in make test:
+# it installs a browser).
+viewers:
+	@$(DRIVER) viewers
+
+check-browser: build
+	@$(DRIVER) check-browser
 
 # make demo from a clean clone in a minimal Debian bookworm root.
 check-fresh:

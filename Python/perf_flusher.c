@@ -23,7 +23,9 @@
    pending, every Python frame takes the hook's slow path, which polls
    (_PyPerfFlusher_Poll) and writes them once they are due.  A young
    process that stops running Python frames (a call-free loop, a blocking
-   call) keeps them until it runs one again, forks, execs or exits. */
+   call) keeps them until it runs one again, forks, execs or exits.  A
+   sub-interpreter in perf mode gets the thread: it may end while no
+   frame of the others goes through the hook. */
 
 #include "Python.h"
 
@@ -39,8 +41,6 @@
 #define FLUSH_DELAY_NS (10 * 1000 * 1000)
 #define FLUSHER_STACK_SIZE (64 * 1024)
 #define THREAD_AFTER_NS (100 * 1000 * 1000)
-/* The hook reads the clock once every POLL_FRAMES frames it polls. */
-#define POLL_FRAMES 16
 
 /* The outputs (perf_internal.h), in the order their entries are
    written. */
@@ -68,6 +68,7 @@ static struct {
     pthread_cond_t written;     /* it has finished */
     int adopt;                  /* a forked child's map is to be filled */
     struct timespec since;      /* perf mode's start in this process */
+    int use_thread;             /* from the start: sub-interpreters */
     /* What the flusher is writing: entries copied out of the buffers
        above, which take new entries meanwhile.  Only the flusher uses
        it. */
@@ -516,10 +517,35 @@ set_due_time_locked(const struct timespec *now)
 
 _Py_atomic_int _PyPerfFlusher_polls;
 
+/* pending.due in nanoseconds, for the hook's polls, which compare it with
+   the clock without the lock.  (uintptr_t: 64 bits on the platforms perf
+   support builds for.) */
+static _Py_atomic_address poll_due_ns;
+
+static uint64_t
+timespec_ns(const struct timespec *ts)
+{
+    return (uint64_t)ts->tv_sec * 1000000000 + (uint64_t)ts->tv_nsec;
+}
+
+/* Caller holds the lock. */
 static void
 set_hook_polls(int polls)
 {
+    _Py_atomic_store_relaxed(&poll_due_ns,
+                             (uintptr_t)timespec_ns(&pending.due));
     _Py_atomic_store_relaxed(&_PyPerfFlusher_polls, polls);
+    if (polls) {
+        _PyPerfTrampoline_LeaveFastPath();
+    }
+}
+
+/* Does this process write its entries itself (without a flusher)? */
+static int
+is_young_locked(const struct timespec *now)
+{
+    return pending.flusher_owner != _PyPerfFiles_Pid() && !pending.use_thread
+           && ns_between(&pending.since, now) < THREAD_AFTER_NS;
 }
 
 /* Have the pending entries written FLUSH_DELAY_NS from now, unless some
@@ -534,36 +560,35 @@ schedule_flusher_locked(void)
     }
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
-    if (pending.flusher_owner != _PyPerfFiles_Pid()
-        && ns_between(&pending.since, &now) < THREAD_AFTER_NS)
-    {
-        set_hook_polls(1);
-    }
-    else if (start_flusher_locked() < 0) {
+    int young = is_young_locked(&now);
+    if (!young && start_flusher_locked() < 0) {
         return -1;
     }
     set_due_time_locked(&now);
+    if (young) {
+        set_hook_polls(1);
+    }
     return 0;
 }
 
 /* The pending entries of a process without a flusher: written once due,
    or handed to a flusher once the process is no longer young.  Called by
-   the hook, with the GIL, for every POLL_FRAMES-th frame it polls; stops
-   its polls when nothing is left to write. */
+   the hook, with the GIL, for each frame while it polls; stops its polls
+   when nothing is left to write.  The coarse clock costs a few
+   nanoseconds (a few hundred frames poll in `python -c pass`) and may be
+   a tick (4 ms) late. */
 void
 _PyPerfFlusher_Poll(void)
 {
-    static unsigned int frames;
-    if (++frames % POLL_FRAMES != 0) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+    if (timespec_ns(&now) < (uint64_t)_Py_atomic_load_relaxed(&poll_due_ns)) {
         return;
     }
-    struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     pthread_mutex_lock(&_PyPerfFiles_mutex);
     if (pending.flusher_owner != _PyPerfFiles_Pid() && !nothing_pending()) {
-        if (ns_between(&pending.since, &now) >= THREAD_AFTER_NS
-            && start_flusher_locked() == 0)
-        {
+        if (!is_young_locked(&now) && start_flusher_locked() == 0) {
             pthread_cond_broadcast(&pending.wakeup);  /* it takes them */
         }
         else if (ns_between(&pending.due, &now) >= 0) {
@@ -575,6 +600,18 @@ _PyPerfFlusher_Poll(void)
     }
     if (pending.flusher_owner == _PyPerfFiles_Pid() || nothing_pending()) {
         set_hook_polls(0);
+    }
+    pthread_mutex_unlock(&_PyPerfFiles_mutex);
+}
+
+void
+_PyPerfFlusher_UseThread(void)
+{
+    pthread_mutex_lock(&_PyPerfFiles_mutex);
+    pending.use_thread = 1;
+    if (!nothing_pending() && start_flusher_locked() == 0) {
+        set_hook_polls(0);
+        pthread_cond_broadcast(&pending.wakeup);
     }
     pthread_mutex_unlock(&_PyPerfFiles_mutex);
 }

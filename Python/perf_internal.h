@@ -50,6 +50,9 @@ typedef PyObject *(*py_trampoline)(PyThreadState *, _PyInterpreterFrame *,
 
 /* In a forked child: its first Python frame gives it its own outputs. */
 extern void _PyPerfTrampoline_AfterFork(void);
+/* Send every frame down the hook's slow path until it serves one again
+   with nothing to poll.  Any thread. */
+extern void _PyPerfTrampoline_LeaveFastPath(void);
 
 
 /* perf_arena.c */
@@ -245,6 +248,9 @@ _PyPerfFlusher_HookPolls(void)
 /* Write the pending entries if they are due (see perf_flusher.c).  With
    the GIL. */
 extern void _PyPerfFlusher_Poll(void);
+/* From now on this process's entries are written by the flusher thread.
+   With the GIL. */
+extern void _PyPerfFlusher_UseThread(void);
 /* A deferred write that failed and was not reported yet: its output, with
    errno set, and forgotten; or NULL.  The caller reports it. */
 extern perf_output *_PyPerfFlusher_TakeError(void);

@@ -140,8 +140,11 @@ find_code_extra_index(PyInterpreterState *interp)
 
 static struct {
     /* The hook's fast path serves one interpreter: the last one whose
-       frame took the slow path.  NULL: none. */
-    PyInterpreterState *fast_interp;
+       frame took the slow path.  0: none, while the hook polls for
+       pending entries (perf_flusher.c) or in a forked child.  Set with
+       the GIL; cleared by a thread that queues entries, which may not
+       hold it. */
+    _Py_atomic_address fast_interp;
     Py_ssize_t fast_index;      /* our co_extra index in fast_interp */
     int adoption_pending;       /* a forked child without its own map */
 } hook;
@@ -149,8 +152,16 @@ static struct {
 static void
 set_fast_path(PyInterpreterState *interp, Py_ssize_t index)
 {
-    hook.fast_interp = interp;
     hook.fast_index = index;
+    _Py_atomic_store_relaxed(&hook.fast_interp,
+                             _PyPerfFlusher_HookPolls() ? 0
+                             : (uintptr_t)interp);
+}
+
+void
+_PyPerfTrampoline_LeaveFastPath(void)
+{
+    _Py_atomic_store_relaxed(&hook.fast_interp, 0);
 }
 
 /* What co's slot index holds, or NULL.  Not necessarily a trampoline: it
@@ -391,7 +402,7 @@ c_stack_nearly_full(void)
 void
 _PyPerfTrampoline_AfterFork(void)
 {
-    hook.fast_interp = NULL;
+    _PyPerfTrampoline_LeaveFastPath();
     hook.adoption_pending = 1;
 }
 
@@ -416,9 +427,6 @@ evaluate_slow(PyThreadState *tstate, _PyInterpreterFrame *frame,
         _PyPerfFlusher_Poll();
     }
     py_trampoline code = find_or_make_trampoline(tstate, frame->f_code);
-    if (_PyPerfFlusher_HookPolls()) {
-        hook.fast_interp = NULL;    /* the next frame polls too */
-    }
     if (code == NULL) {
         return _PyEval_EvalFrameDefault(tstate, frame, throwflag);
     }
@@ -432,7 +440,8 @@ static PyObject *
 py_trampoline_evaluator(PyThreadState *tstate, _PyInterpreterFrame *frame,
                         int throwflag)
 {
-    if (tstate->interp == hook.fast_interp
+    if ((uintptr_t)tstate->interp
+            == _Py_atomic_load_relaxed(&hook.fast_interp)
         && current_stack_address() > stack.limit)
     {
         void *code = read_code_extra(frame->f_code, hook.fast_index);
@@ -513,6 +522,11 @@ activate(PyThreadState *tstate, int backend)
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+    if (interp != _PyInterpreterState_Main()) {
+        /* It may end while the main interpreter, in perf mode or not,
+           runs no frame through the hook: nothing would poll. */
+        _PyPerfFlusher_UseThread();
+    }
     _PyInterpreterState_SetEvalFrameFunc(interp, py_trampoline_evaluator);
     return 0;
 }
@@ -578,7 +592,7 @@ _PyPerfTrampoline_Fini(void)
     if (tstate != NULL) {
         deactivate(tstate->interp);
     }
-    hook.fast_interp = NULL;
+    _PyPerfTrampoline_LeaveFastPath();
     (void)_PyPerfJit_SetWanted(0);
     PyUnstable_PerfMapState_Fini();
     warn_if_lines_lost();

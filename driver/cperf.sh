@@ -7,7 +7,7 @@
 #   cperf.sh deps | fetch | prepare | build | debug | asan | stock | cross
 #            | anchor | dist | install | demo | docs | regen-configure
 #            | debian-source DEST | check-fresh | deb | deb-source DEST
-#            | check-deb
+#            | check-deb | viewers | check-browser
 #
 # Environment: CPYTHON_SRC (tarball or unpacked tree), CPERF_CACHE (download
 # cache, default ~/.cache/cpython-perf), FRAME_POINTERS (yes/no), PREFIX.
@@ -33,6 +33,16 @@ OPTIONAL_PACKAGES="libbz2-dev liblzma-dev libsqlite3-dev libreadline-dev
 # Python, which any 3.x interpreter imports from Debian's dist-packages.
 BENCH_PACKAGES="python3-docutils python3-pygments python3-sympy
     python3-networkx"
+# The programs that read Tools/perf/pystacks.py's outputs in the tests:
+# Go's pprof, built from Debian's packaged source (cmd_viewers), and from
+# npm speedscope (its file-format schema; its page for make
+# check-browser), ajv to validate against that schema and playwright-core
+# to drive Debian's chromium (1.61: the last that runs on bookworm's
+# node 18).
+VIEWER_PACKAGES="golang-go golang-github-google-pprof-dev"
+VIEWER_NPM="speedscope@1.25.0 ajv@8.20.0"
+BROWSER_NPM="playwright-core@1.61.1"
+VIEWERS=$CACHE/viewers
 # For the aarch64 cross-build that the tests run under qemu.
 CROSS_PACKAGES="gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
 CROSS_HOST=aarch64-linux-gnu
@@ -917,6 +927,60 @@ sys.exit(not sysconfig.get_config_var("PY_HAVE_PERF_TRAMPOLINE"))'; then
     say "wrote build/demo/profile.speedscope.json (open: npx speedscope FILE)"
 }
 
+# ------------------------------------------------------------- viewers
+
+# npm_install NAME@VERSION...: those not yet in $VIEWERS/npm, exactly.
+npm_install() {
+    local spec missing=
+    for spec in "$@"; do
+        grep -qs "\"version\": \"${spec##*@}\"" \
+            "$VIEWERS/npm/node_modules/${spec%@*}/package.json" ||
+            missing="$missing $spec"
+    done
+    [ -n "$missing" ] || return 0
+    say "npm install$missing (into $VIEWERS/npm)"
+    mkdir -p "$VIEWERS/npm"
+    # shellcheck disable=SC2086
+    run "$STEP" npm install --prefix "$VIEWERS/npm" --save-exact --no-audit \
+        --no-fund $missing
+}
+
+# pprof from Debian's packaged source, offline: GOPATH mode finds the
+# source and its two dependencies under /usr/share/gocode.
+build_pprof() {
+    [ -x "$VIEWERS/pprof" ] && return
+    say "go build github.com/google/pprof (Debian's source) -> $VIEWERS/pprof"
+    mkdir -p "$VIEWERS"
+    run "$STEP" env GOPATH=/usr/share/gocode GO111MODULE=off GOFLAGS= \
+        GOCACHE="$VIEWERS/go-build" go build -o "$VIEWERS/pprof" \
+        github.com/google/pprof
+}
+
+cmd_viewers() {
+    STEP=viewers
+    # shellcheck disable=SC2086
+    install_packages $VIEWER_PACKAGES
+    # Any node with npm will do (Debian's, or one installed otherwise).
+    command -v npm >/dev/null || install_packages nodejs npm
+    # shellcheck disable=SC2086
+    npm_install $VIEWER_NPM
+    build_pprof
+}
+
+# speedscope showing pystacks' profile of the seed in headless chromium
+# (tests/check_browser.py); screenshots in build/browser.
+cmd_check_browser() {
+    cmd_viewers
+    STEP=check-browser
+    # The emoji font: speedscope's tabs and buttons carry emoji, which
+    # a desktop shows and a bare chromium draws as empty boxes.
+    install_packages chromium fonts-noto-color-emoji
+    # shellcheck disable=SC2086
+    npm_install $BROWSER_NPM
+    "$BUILD/obj/python" "$ROOT/tests/check_browser.py"
+    say "screenshots: build/browser/time-ordered.png, left-heavy.png, sandwich.png"
+}
+
 # ---------------------------------------------------------------- docs
 
 # CPython's documentation, with Debian's Sphinx and its stock theme (the
@@ -934,15 +998,16 @@ main() {
     STEP=${cmd:-driver}
     case $cmd in
         deps | fetch | prepare | build | debug | asan | stock | cross | dist \
-            | install | demo | docs | anchor)
+            | install | demo | docs | anchor | viewers)
             "cmd_$cmd" ;;
+        check-browser) cmd_check_browser ;;
         regen-configure) cmd_regen_configure ;;
         debian-source) cmd_debian_source "${2:-}" ;;
         deb) cmd_deb ;;
         deb-source) cmd_deb_source "${2:-}" ;;
         check-fresh) cmd_check_fresh ;;
         check-deb) cmd_check_deb ;;
-        *) die "usage: $0 deps|fetch|prepare|build|debug|asan|stock|cross|anchor|dist|install|demo|docs|regen-configure|debian-source DEST|check-fresh|deb|deb-source DEST|check-deb" ;;
+        *) die "usage: $0 deps|fetch|prepare|build|debug|asan|stock|cross|anchor|dist|install|demo|docs|viewers|check-browser|regen-configure|debian-source DEST|check-fresh|deb|deb-source DEST|check-deb" ;;
     esac
 }
 

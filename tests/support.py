@@ -12,10 +12,12 @@ BUILD = os.path.join(ROOT, "build")
 PATCHED = {"src": os.path.join(BUILD, "src"), "obj": os.path.join(BUILD, "obj")}
 STOCK = {"src": os.path.join(BUILD, "stock", "src"),
          "obj": os.path.join(BUILD, "stock", "obj")}
-PRISTINE_TARBALL = os.path.join(
-    os.environ.get("CPERF_CACHE",
-                   os.path.expanduser("~/.cache/cpython-perf")),
-    "python3.11_3.11.2.orig.tar.gz")
+CACHE = os.environ.get("CPERF_CACHE",
+                       os.path.expanduser("~/.cache/cpython-perf"))
+PRISTINE_TARBALL = os.path.join(CACHE, "python3.11_3.11.2.orig.tar.gz")
+# The programs that read pystacks' outputs (driver/cperf.sh viewers):
+# npm packages under VIEWERS/npm, Go's pprof as VIEWERS/pprof.
+VIEWERS = os.path.join(CACHE, "viewers")
 
 
 def run(cmd, check=True, **kwargs):

@@ -1266,6 +1266,64 @@ class DeferredLinesTests(unittest.TestCase):
         self.assertEqual(sum(n.startswith("py::idle") for n in names), 300)
         self.assertLess(waited, 2.0)
 
+    def test_short_process_writes_at_its_next_call(self):
+        # Due lines go out at the first Python call after the 10 ms, in a
+        # service that calls Python only now and then.  The wait for them
+        # below calls no Python function.
+        script = """
+            import os, time
+            time.sleep(0.02)    # start-up's lines are due when f0 is made
+            exec("\\n".join(f"def f{i}(): return {i}" for i in range(300)))
+            total = sum(globals()[f"f{i}"]() for i in range(300))
+            def handler(): return 0
+            time.sleep(0.02)
+            handler()
+            path = f"/tmp/perf-{os.getpid()}.map"
+            start = time.monotonic()
+            data = b""
+            while data.count(b" py::f") < 300 and time.monotonic() - start < 5:
+                fd = os.open(path, os.O_RDONLY)
+                data = os.read(fd, 1 << 20)
+                os.close(fd)
+                time.sleep(0.001)
+            print(os.getpid(), data.count(b" py::f"))
+        """
+        pid, count = self.run_checked(script, "-X", "perf").split()
+        remove_map(int(pid))
+        self.assertEqual(count, "300")
+
+    def test_short_process_switching_to_perf_jit(self):
+        # Turned on, the dump gets records of the trampolines made before,
+        # while the process runs only code that has trampolines already.
+        script = WAIT_FOR_OWN_FILE + textwrap.dedent("""
+            import os, sys
+            def f(): return 1
+            f()
+            wait_for_own_file("perf", b" py::f:")
+            sys.activate_stack_trampoline("perf_jit")
+            print(os.getpid(), wait_for_own_file("jit", b"py::f:"))
+        """)
+        pid, found = self.run_checked(script, "-X", "perf").split()
+        remove_map(int(pid))
+        os_helper.unlink(f"/tmp/jit-{pid}.dump")
+        self.assertEqual(found, "True")
+
+    def test_sub_interpreter_lines_while_main_is_off(self):
+        # A sub-interpreter in perf mode ends; the main interpreter, not in
+        # perf mode, runs on: its frames do not go through the hook.
+        sub = ("import sys\n"
+               "sys.activate_stack_trampoline('perf')\n"
+               "def in_sub(): return 1\n"
+               "in_sub()\n")
+        script = WAIT_FOR_OWN_FILE + textwrap.dedent(f"""
+            import os, _testcapi
+            _testcapi.run_in_subinterp({sub!r})
+            print(os.getpid(), wait_for_own_file("perf", b" py::in_sub:"))
+        """)
+        pid, found = self.run_checked(script).split()
+        remove_map(int(pid))
+        self.assertEqual(found, "True")
+
     def assert_named_before_leaving(self, leave):
         """A function run just before leave (a statement that ends the
         process image) is in the map: its buffered line was written."""

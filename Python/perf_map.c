@@ -505,6 +505,9 @@ PyUnstable_CopyPerfMapFile(const char *parent_filename)
             off_t from = MAP->size;
             res = perf_map_copy_locked(fd, st.st_size);
             _PyPerfJit_AddCopiedLinesLocked(from);
+            /* At once, as the copy: the caller may not hold the GIL, and
+               the hook may not poll for them (perf_flusher.c). */
+            _PyPerfFlusher_FlushLocked();
         }
         _PyPerfFiles_Unlock();
     }

@@ -631,6 +631,10 @@ PyUnstable_PerfTrampoline_CompileCode(PyCodeObject *co)
         deactivate(interp);
         return -1;
     }
+    if (!is_active(interp)) {
+        /* No hook polls for the entry here (perf_flusher.c). */
+        _PyPerfFlusher_Flush();
+    }
     return 0;
 }
 

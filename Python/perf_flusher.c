@@ -494,11 +494,16 @@ _PyPerfFlusher_InstallProcessHooks(void)
     (void)atexit(_PyPerfFlusher_Flush);
 }
 
+static uint64_t
+timespec_ns(const struct timespec *ts)
+{
+    return (uint64_t)ts->tv_sec * 1000000000 + (uint64_t)ts->tv_nsec;
+}
+
 static int64_t
 ns_between(const struct timespec *from, const struct timespec *to)
 {
-    return (int64_t)(to->tv_sec - from->tv_sec) * 1000000000
-           + (to->tv_nsec - from->tv_nsec);
+    return (int64_t)(timespec_ns(to) - timespec_ns(from));
 }
 
 /* The first entries since the last write are due FLUSH_DELAY_NS after
@@ -521,12 +526,6 @@ _Py_atomic_int _PyPerfFlusher_polls;
    the clock without the lock.  (uintptr_t: 64 bits on the platforms perf
    support builds for.) */
 static _Py_atomic_address poll_due_ns;
-
-static uint64_t
-timespec_ns(const struct timespec *ts)
-{
-    return (uint64_t)ts->tv_sec * 1000000000 + (uint64_t)ts->tv_nsec;
-}
 
 /* Caller holds the lock. */
 static void

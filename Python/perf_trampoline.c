@@ -751,15 +751,25 @@ Deactivate the current stack profiler trampoline backend.\n\
 \n\
 If no stack profiler is activated, this function has no effect.");
 
+/* Turn perf mode off in interp, unless another tool's hook is installed
+   there: -1 with an exception. */
+static int
+deactivate_checked(PyInterpreterState *interp)
+{
+    if (refuse_foreign_hook(interp) < 0) {
+        return -1;
+    }
+    deactivate(interp);
+    return 0;
+}
+
 static PyObject *
 sys_deactivate_stack_trampoline(PyObject *Py_UNUSED(module),
                                 PyObject *Py_UNUSED(args))
 {
-    PyInterpreterState *interp = _PyInterpreterState_GET();
-    if (refuse_foreign_hook(interp) < 0) {
+    if (deactivate_checked(_PyInterpreterState_GET()) < 0) {
         return NULL;
     }
-    deactivate(interp);
     Py_RETURN_NONE;
 }
 
@@ -781,16 +791,8 @@ sys_is_stack_trampoline_active(PyObject *Py_UNUSED(module),
 int
 _PyPerfTrampoline_Switch(PyThreadState *tstate, const char *name)
 {
-    int res;
-    if (name != NULL) {
-        res = activate_named(tstate, name);
-    }
-    else {
-        res = refuse_foreign_hook(tstate->interp);
-        if (res == 0) {
-            deactivate(tstate->interp);
-        }
-    }
+    int res = name != NULL ? activate_named(tstate, name)
+                           : deactivate_checked(tstate->interp);
     if (res < 0) {
         print_error(name != NULL ? "not turned on" : "not turned off",
                     "unknown error");

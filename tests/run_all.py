@@ -42,7 +42,7 @@ MEMORY_TESTS = [
     "test_coroutines", "test_gc", "test_contextlib_async",
     "test_sys_settrace", "test_threading",
 ]
-MEMORY_DRIVER_TESTS = ["test_stress", "test_faults"]
+MEMORY_DRIVER_TESTS = ["test_stress", "test_faults", "test_attach"]
 AGGRESSIVE_GC = "import gc\ngc.set_threshold(20, 5, 5)\n"
 # Sanitizer reports fail the run: AddressSanitizer stops the process by
 # default, UndefinedBehaviorSanitizer only when told.  (The fault shim is
@@ -133,8 +133,8 @@ def let_tests_see_sigint():
 
 def run_memory_tests(tally, python):
     """The memory-safety set on python, with each backend and an
-    aggressive GC (a sitecustomize only these runs see), then the stress
-    and fault tests of the driver on the same build."""
+    aggressive GC (a sitecustomize only these runs see), then the stress,
+    fault and attach tests of the driver on the same build."""
     python = os.path.abspath(python)
     name = os.path.basename(python)
     with tempfile.TemporaryDirectory() as site:
@@ -153,7 +153,7 @@ def run_memory_tests(tally, python):
     try:
         suite = unittest.defaultTestLoader.loadTestsFromNames(
             MEMORY_DRIVER_TESTS)
-        count_unittest(tally, f"{name}: stress and fault tests", suite)
+        count_unittest(tally, f"{name}: stress, fault and attach tests", suite)
     finally:
         support.PATCHED["obj"] = release_obj
 

@@ -12,7 +12,6 @@ Ends with the line "N passed, N failed, N skipped"; exits non-zero when
 anything failed."""
 
 import argparse
-
 import glob
 import os
 import signal
@@ -22,7 +21,10 @@ import tempfile
 import unittest
 import xml.etree.ElementTree as ET
 
-from support import clean_env
+from support import ROOT, clean_env
+
+sys.path.insert(0, os.path.join(ROOT, "Tools", "perf"))
+from perf_files import kind_of, pid_alive  # noqa: E402
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -120,6 +122,20 @@ def perf_files():
     return set(glob.glob("/tmp/perf-*.map") + glob.glob("/tmp/jit-*.dump"))
 
 
+def remove_files_of_exited(paths):
+    """Remove the maps and jitdumps that the run's processes left.  A
+    process that still lives keeps its file: it is not one of ours (ours
+    have all been waited for), perhaps a service someone is profiling."""
+    for path in paths:
+        _, pid = kind_of(os.path.basename(path))
+        if pid_alive(pid):
+            continue
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def let_tests_see_sigint():
     """A command started in the background by a shell without job control
     (`cmd &` in a script) has SIGINT ignored, and its children inherit
@@ -181,11 +197,7 @@ def main():
             run_memory_tests(tally, os.path.join(os.path.dirname(TESTS),
                                                  "build", "python-debug"))
     finally:
-        for path in perf_files() - files_before:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        remove_files_of_exited(perf_files() - files_before)
     print(f"{tally.passed} passed, {tally.failed} failed, "
           f"{tally.skipped} skipped")
     return 1 if tally.failed else 0

@@ -52,6 +52,8 @@ import subprocess
 import sys
 import time
 
+from perf_files import parse_status
+
 PROG = "attach.py"
 REQUEST = "PyUnstable_PerfTrampoline_Request"
 STATUS = "PyUnstable_PerfTrampoline_RequestStatus"
@@ -79,11 +81,7 @@ def read_status(pid):
             text = f.read()
     except (FileNotFoundError, ProcessLookupError):
         raise Failure(f"no process with PID {pid}") from None
-    fields = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
+    return parse_status(text)
 
 
 def program_of(pid):

@@ -52,8 +52,6 @@ import subprocess
 import sys
 import time
 
-from perf_files import parse_status
-
 PROG = "attach.py"
 REQUEST = "PyUnstable_PerfTrampoline_Request"
 STATUS = "PyUnstable_PerfTrampoline_RequestStatus"
@@ -81,7 +79,11 @@ def read_status(pid):
             text = f.read()
     except (FileNotFoundError, ProcessLookupError):
         raise Failure(f"no process with PID {pid}") from None
-    return parse_status(text)
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
 
 
 def program_of(pid):

@@ -303,20 +303,16 @@ def command_clean(args):
 
 # -- export -----------------------------------------------------------------
 
-def parse_status(text):
-    """The fields of a /proc/PID/status text, as a dict."""
+def read_status(proc_fd):
+    """/proc/PID/status as a dict; ProcessLookupError once PID is gone."""
+    fd = os.open("status", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
+    with open(fd) as f:
+        text = f.read()
     fields = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     return fields
-
-
-def read_status(proc_fd):
-    """/proc/PID/status as a dict; ProcessLookupError once PID is gone."""
-    fd = os.open("status", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
-    with open(fd) as f:
-        return parse_status(f.read())
 
 
 def open_in_container(tmp_fd, name, uids):

@@ -73,7 +73,8 @@ class Failure(Exception):
 
 
 def read_status(pid):
-    """/proc/PID/status as a dict."""
+    """/proc/PID/status as a dict.  (perf_files.py parses it the same way;
+    each tool stays one file that can be copied to a host alone.)"""
     try:
         with open(f"/proc/{pid}/status") as f:
             text = f.read()

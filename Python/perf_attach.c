@@ -41,19 +41,26 @@ _Static_assert(ATOMIC_INT_LOCK_FREE == 2, "int atomics must be lock-free");
 static const char *const backend_names[] = {NULL, "perf", "perf_jit"};
 #define BACKEND_COUNT ((int)Py_ARRAY_LENGTH(backend_names))
 
-/* A request is its number (1, 2, ... in the order they were made; a
-   process makes far fewer than 2**29) and its backend, in one word:
-   number * 4 + backend. */
+/* A request is its number (1, 2, ... in the order they were made) and its
+   backend, in one word: number * 4 + backend.  Numbers stop at
+   MAX_REQUESTS, which still fits in an int; gdb makes a request in no
+   less than about 25 ms, so that lasts ten months of calls without a
+   pause. */
 #define REQUEST_WORD(number, backend) ((number) << 2 | (unsigned int)(backend))
 #define REQUEST_NUMBER(word) ((word) >> 2)
 #define REQUEST_BACKEND(word) ((int)((word) & 3))
+#define MAX_REQUESTS (UINT_MAX >> 2)
 
 static struct {
-    atomic_uint made;       /* requests made so far */
-    atomic_uint pending;    /* the newest request not carried out, or 0 */
+    /* The newest request made, or 0.  Taking a number and publishing the
+       request are one compare-and-swap, so an older request can never
+       land after a newer one. */
+    atomic_uint newest;
     atomic_int pid;         /* the process the newest request was made in */
-    /* The newest request carried out: number * 2, plus 1 if it failed.
-       Written by the main thread only. */
+    /* Written by the main thread only: the number of the newest request
+       it has seen (carried out or dropped), and the newest carried out,
+       as number * 2 plus 1 if it failed. */
+    atomic_uint seen;
     atomic_uint done;
 } attach;
 
@@ -71,16 +78,17 @@ PyUnstable_PerfTrampoline_Request(int backend)
     {
         return -2;
     }
-    unsigned int number = atomic_fetch_add(&attach.made, 1) + 1;
-    unsigned int word = REQUEST_WORD(number, backend);
+    /* Every thread of a process stores the same pid; before the request
+       is published, so the main thread never sees a request without it. */
     atomic_store(&attach.pid, getpid());
-    /* Replace an older pending request, not a newer one made meanwhile
-       from another thread. */
-    unsigned int pending = atomic_load(&attach.pending);
-    while (REQUEST_NUMBER(pending) < number
-           && !atomic_compare_exchange_weak(&attach.pending, &pending, word))
-    {
-    }
+    unsigned int old = atomic_load(&attach.newest);
+    unsigned int word;
+    do {
+        if (REQUEST_NUMBER(old) >= MAX_REQUESTS) {
+            return -3;
+        }
+        word = REQUEST_WORD(REQUEST_NUMBER(old) + 1, backend);
+    } while (!atomic_compare_exchange_weak(&attach.newest, &old, word));
     /* The request is visible before the eval breaker is tripped. */
     atomic_thread_fence(memory_order_seq_cst);
     PyInterpreterState *interp = _PyInterpreterState_Main();
@@ -90,7 +98,7 @@ PyUnstable_PerfTrampoline_Request(int backend)
        the main thread handles it at its next check, other threads clear
        it when they next compute it. */
     _Py_atomic_store_relaxed(&interp->ceval.eval_breaker, 1);
-    return (int)number;
+    return (int)REQUEST_NUMBER(word);
 }
 
 int
@@ -99,6 +107,9 @@ PyUnstable_PerfTrampoline_RequestStatus(int request)
     unsigned int done = atomic_load(&attach.done);
     if (request <= 0 || done / 2 < (unsigned int)request) {
         return 0;
+    }
+    if (done / 2 > (unsigned int)request) {
+        return 2;               /* a newer one was carried out since */
     }
     return done % 2 ? -1 : 1;
 }
@@ -122,7 +133,9 @@ _PyPerfAttach_RunRequest(PyThreadState *tstate)
     /* The eval breaker or a signal led here: the load must not see the
        word from before the request that tripped it. */
     atomic_thread_fence(memory_order_acquire);
-    if (atomic_load_explicit(&attach.pending, memory_order_relaxed) == 0) {
+    unsigned int word = atomic_load_explicit(&attach.newest,
+                                             memory_order_relaxed);
+    if (REQUEST_NUMBER(word) <= atomic_load(&attach.seen)) {
         return;
     }
     /* Another thread or interpreter than the one signals are for, or the
@@ -132,14 +145,20 @@ _PyPerfAttach_RunRequest(PyThreadState *tstate)
     {
         return;
     }
-    unsigned int word = atomic_exchange(&attach.pending, 0);
+    unsigned int number = REQUEST_NUMBER(word);
+    atomic_store(&attach.seen, number);
     /* A forked child does not carry out what was asked of its parent. */
-    if (word == 0 || atomic_load(&attach.pid) != getpid()) {
+    if (atomic_load(&attach.pid) != getpid()) {
         return;
     }
     int failed = carry_out(tstate, REQUEST_BACKEND(word)) < 0;
-    unsigned int number = REQUEST_NUMBER(word);
-    if (number > atomic_load(&attach.done) / 2) {
-        atomic_store(&attach.done, number * 2 + (unsigned int)failed);
-    }
+    atomic_store(&attach.done, number * 2 + (unsigned int)failed);
+}
+
+/* Finalization: a request not carried out by now is dropped, not left
+   for an interpreter that an embedding application initializes next. */
+void
+_PyPerfAttach_Fini(void)
+{
+    atomic_store(&attach.seen, REQUEST_NUMBER(atomic_load(&attach.newest)));
 }

@@ -30,6 +30,9 @@
    is printed as one line on stderr, not raised.  Returns 0, or -1 if it
    failed. */
 extern int _PyPerfTrampoline_Switch(PyThreadState *tstate, const char *name);
+/* perf_attach.c, in every build: drop a request not carried out yet
+   (finalization). */
+extern void _PyPerfAttach_Fini(void);
 
 #ifdef PY_HAVE_PERF_TRAMPOLINE
 

@@ -105,7 +105,7 @@ print_error(const char *what, const char *fallback)
     Py_XDECREF(tb);
 }
 
-#include "perf_internal.h"        // _PyPerfTrampoline_Switch()
+#include "perf_internal.h"        // _PyPerfAttach_Fini()
 
 #ifdef PY_HAVE_PERF_TRAMPOLINE
 
@@ -596,6 +596,7 @@ _PyPerfTrampoline_Fini(void)
     (void)_PyPerfJit_SetWanted(0);
     PyUnstable_PerfMapState_Fini();
     warn_if_lines_lost();
+    _PyPerfAttach_Fini();
 }
 
 /* os._exit() and os.exec*() (patch 0012): nothing runs after them to
@@ -687,6 +688,7 @@ _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
 void
 _PyPerfTrampoline_Fini(void)
 {
+    _PyPerfAttach_Fini();
 }
 
 void

@@ -94,6 +94,7 @@ class Target:
         if not line.startswith("ready "):
             self.proc.kill()
             test.fail(f"no start: {line}{self.proc.communicate()[1]}")
+        self.ready_line = line
         self.pid = int(line.split()[1])
         test.addCleanup(self.remove_files)
 
@@ -216,6 +217,94 @@ class AttachTests(unittest.TestCase):
         self.assertEqual(out.split(), ["active", "True"])
         self.assertIn("after_sleep", target.map_names())
         self.assertEqual(err, "")
+
+    def test_a_newer_request_made_meanwhile_is_reported(self):
+        # attach.py asks for "on" while the main thread sleeps; then a
+        # thread of the process asks for "off"; the main thread wakes and
+        # carries out the newest, "off".  attach.py must not say "on".
+        target = Target(self, """
+            import ctypes, os, sys, threading, time
+            def turn_off_when_told():
+                sys.stdin.readline()
+                print("off request",
+                      ctypes.pythonapi.PyUnstable_PerfTrampoline_Request(0),
+                      flush=True)
+            threading.Thread(target=turn_off_when_told).start()
+            print("ready", os.getpid(), flush=True)
+            time.sleep(4)
+            print("active", sys.is_stack_trampoline_active(), flush=True)
+            sys.stdin.read()        # lives on until attach.py has asked
+            """)
+        tool = subprocess.Popen([sys.executable, ATTACH, "--timeout", "60",
+                                 str(target.pid)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        asked = tool.stdout.readline()
+        self.assertIn(f"asked PID {target.pid}", asked)
+        target.proc.stdin.write("now\n")
+        target.proc.stdin.flush()
+        out, err = tool.communicate(timeout=60)
+        self.assertEqual(tool.returncode, 1, out + err)
+        self.assertIn("carried out a newer request made since", err)
+        self.assertNotIn("perf mode is on", out)
+        out, err = target.finish()
+        self.assertEqual(out.split()[-2:], ["active", "False"])
+        self.assertEqual(err, "")
+
+    def test_request_status_in_the_process(self):
+        target = Target(self, """
+            import ctypes, os, sys
+            api = ctypes.pythonapi
+            print("ready", os.getpid(), flush=True)
+            first = api.PyUnstable_PerfTrampoline_Request(1)
+            second = api.PyUnstable_PerfTrampoline_Request(0)
+            for _ in range(3):      # checks for signals: carries it out
+                pass
+            status = api.PyUnstable_PerfTrampoline_RequestStatus
+            print(second - first, status(first), status(second),
+                  status(second + 1), status(0), status(-1),
+                  api.PyUnstable_PerfTrampoline_Request(3),
+                  sys.is_stack_trampoline_active())
+            """)
+        out, err = target.finish()
+        # The first was carried out before the second or replaced by it:
+        # 2 either way; the second is done; the next not made yet.
+        self.assertEqual(out.split(), ["1", "2", "1", "0", "0", "0", "-1",
+                                       "False"])
+        self.assertEqual(err, "")
+
+    def test_requests_run_out_without_harm(self):
+        target = Target(self, WORKLOAD, 0)
+        # Numbers stop at 2**30 - 1: the next request is refused (-3)
+        # rather than wrapping around into a word that means another
+        # request.  gdb moves the counter there.
+        last = (1 << 30) - 1
+        gdb = subprocess.run(
+            ["gdb", "-p", str(target.pid), "--batch",
+             "-ex", f"set var 'perf_attach.c'::attach.newest = {last} * 4",
+             "-ex", f"set var 'perf_attach.c'::attach.seen = {last}"],
+            capture_output=True, text=True, timeout=120)
+        self.assertEqual(gdb.returncode, 0, gdb.stderr)
+        proc = attach(target.pid)
+        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
+        self.assertIn("has taken all the requests it can", proc.stderr)
+        out, err = target.finish()
+        check_results(self, out, 0)
+        self.assertIn("active False", out)
+
+    def test_thread_id_refused(self):
+        target = Target(self, """
+            import os, sys, threading
+            thread = threading.Thread(target=sys.stdin.read)
+            thread.start()
+            print("ready", os.getpid(), thread.native_id, flush=True)
+            thread.join()
+            """)
+        tid = int(target.ready_line.split()[2])
+        proc = attach(tid)
+        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
+        self.assertIn(f"{tid} is a thread of process {target.pid}",
+                      proc.stderr)
+        target.finish()
 
     def test_stopped_target_refused_then_continued(self):
         target = Target(self, WORKLOAD, 0)

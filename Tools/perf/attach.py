@@ -19,6 +19,9 @@ a lock or a sleep does it when that returns.  The command then asks, with
 gdb again, until the request was carried out or --timeout seconds passed.
 Each gdb call stops the process for 25-30 ms (gdb reads only the
 symbol tables, and runs the call on one thread with the others stopped).
+Stopping a process interrupts a system call it is blocked in: Python's
+own calls retry it (PEP 475), but C code that does not retry on EINTR
+sees that error, once per gdb call.
 
 Before any of that, the executable files the process maps are searched
 for the function's name: a process that is not a patched CPython 3.11 is
@@ -36,7 +39,8 @@ kernel.yama.ptrace_scope is 1, only CAP_SYS_PTRACE (or the process's
 parent), 2 needs CAP_SYS_PTRACE, 3 forbids attaching.
 
 Exit status: 0 when the process did as asked, 1 when it could not (or is
-not a patched CPython 3.11, or cannot be attached to), 2 for bad
+not a patched CPython 3.11, or cannot be attached to, or carried out a
+newer request made meanwhile by someone else), 2 for bad
 arguments, 3 when the request was made but not carried out within
 --timeout (it stays pending and takes effect later).  Standard library
 only, Python >= 3.8.
@@ -56,8 +60,13 @@ PROG = "attach.py"
 REQUEST = "PyUnstable_PerfTrampoline_Request"
 STATUS = "PyUnstable_PerfTrampoline_RequestStatus"
 BACKENDS = {"off": 0, "perf": 1, "perf_jit": 2}
-# What Request() returns when the interpreter is not running (yet).
+# What Request() returns when the interpreter is not running (yet), and
+# when the process has used up its request numbers.
 NOT_RUNNING = -2
+NO_MORE_REQUESTS = -3
+# What RequestStatus() returns when a newer request was carried out after
+# (or instead of) the one asked about.
+REPLACED = 2
 RESULT_MARK = "cperf-attach-result"
 GDB_TIMEOUT = 60
 # Attaching is retried while another tracer has the process.
@@ -100,6 +109,9 @@ def check_state(pid):
     if pid == os.getpid():
         raise Failure("attach.py cannot attach to itself")
     status = read_status(pid)
+    if status.get("Tgid", str(pid)) != str(pid):
+        raise Failure(f"{pid} is a thread of process {status['Tgid']}: "
+                      f"give the process's PID")
     state = status.get("State", "")
     if state.startswith("Z") or state.startswith("X"):
         raise Failure(f"PID {pid} has exited ({state})")
@@ -261,8 +273,9 @@ def gdb_call(pid, library, function, argument):
 
 
 def wait_for(pid, library, number, timeout):
-    """1 when request `number` was carried out, -1 if it failed, 0 if
-    not within timeout seconds."""
+    """1 when request `number` was carried out, -1 if it failed, 2 if a
+    newer request was carried out since, 0 if none within timeout
+    seconds."""
     deadline = time.monotonic() + timeout
     for attempt in itertools.count():
         delay = POLL_DELAYS[min(attempt, len(POLL_DELAYS) - 1)]
@@ -304,6 +317,9 @@ def attach(pid, backend, timeout):
     if number == NOT_RUNNING:
         raise Failure(f"PID {pid} is starting up or shutting down: its "
                       f"interpreter takes no requests now")
+    if number == NO_MORE_REQUESTS:
+        raise Failure(f"PID {pid} has taken all the requests it can "
+                      f"(2**30); use sys.activate_stack_trampoline() in it")
     if number <= 0:
         raise Failure(f"PID {pid} refused the request ({number})")
     what = "off" if backend == "off" else f"on ({backend})"
@@ -312,10 +328,17 @@ def attach(pid, backend, timeout):
     result = wait_for(pid, library, number, timeout)
     if result == 0:
         print(f"{PROG}: PID {pid} has not done it within {timeout:g} s: "
-              f"its main thread has run no Python code since (blocked in "
-              f"a C call, a lock or a sleep?); the request stays pending "
-              f"and takes effect when it does")
+              f"its main thread has run no Python code of the main "
+              f"interpreter since (blocked in a C call, a lock or a "
+              f"sleep? running a sub-interpreter?); the request stays "
+              f"pending and takes effect when it does.  A main thread "
+              f"that has finished the program and waits for other "
+              f"threads to end does it only at exit")
         return PENDING_EXIT
+    if result == REPLACED:
+        raise Failure(f"PID {pid} carried out a newer request made since "
+                      f"(by another attach.py?); perf mode is as that one "
+                      f"asked")
     if result < 0:
         raise Failure(f"PID {pid} could not turn perf mode {what}; its "
                       f"standard error says why (a line starting "

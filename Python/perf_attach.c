@@ -57,7 +57,8 @@ static struct {
        land after a newer one. */
     atomic_uint newest;
     atomic_int pid;         /* the process the newest request was made in */
-    /* Written by the main thread only: the number of the newest request
+    /* Written by the main thread (and the one that finalizes or
+       initializes the main interpreter): the number of the newest request
        it has seen (carried out or dropped), and the newest carried out,
        as number * 2 plus 1 if it failed. */
     atomic_uint seen;
@@ -152,13 +153,21 @@ _PyPerfAttach_RunRequest(PyThreadState *tstate)
         return;
     }
     int failed = carry_out(tstate, REQUEST_BACKEND(word)) < 0;
-    atomic_store(&attach.done, number * 2 + (unsigned int)failed);
+    /* carry_out() may run Python code (a __del__ called by a collection
+       while an exception is made), which may carry out a newer request
+       in a nested call: the newer one's result stays. */
+    if (number > atomic_load(&attach.done) / 2) {
+        atomic_store(&attach.done, number * 2 + (unsigned int)failed);
+    }
 }
 
-/* Finalization: a request not carried out by now is dropped, not left
-   for an interpreter that an embedding application initializes next. */
+/* A request not carried out when the main interpreter is finalized is
+   dropped, not left for one that an embedding application initializes
+   next.  Dropped again when that one is initialized: a thread of the
+   process may have been preempted between checking that the interpreter
+   runs and publishing its request. */
 void
-_PyPerfAttach_Fini(void)
+_PyPerfAttach_DropPending(void)
 {
     atomic_store(&attach.seen, REQUEST_NUMBER(atomic_load(&attach.newest)));
 }

@@ -30,9 +30,9 @@
    is printed as one line on stderr, not raised.  Returns 0, or -1 if it
    failed. */
 extern int _PyPerfTrampoline_Switch(PyThreadState *tstate, const char *name);
-/* perf_attach.c, in every build: drop a request not carried out yet
-   (finalization). */
-extern void _PyPerfAttach_Fini(void);
+/* perf_attach.c, in every build: drop requests not carried out yet, at
+   the main interpreter's finalization and initialization. */
+extern void _PyPerfAttach_DropPending(void);
 
 #ifdef PY_HAVE_PERF_TRAMPOLINE
 

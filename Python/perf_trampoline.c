@@ -105,7 +105,7 @@ print_error(const char *what, const char *fallback)
     Py_XDECREF(tb);
 }
 
-#include "perf_internal.h"        // _PyPerfAttach_Fini()
+#include "perf_internal.h"
 
 #ifdef PY_HAVE_PERF_TRAMPOLINE
 
@@ -575,6 +575,9 @@ is_active(PyInterpreterState *interp)
 void
 _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
 {
+    if (_Py_IsMainInterpreter(tstate->interp)) {
+        _PyPerfAttach_DropPending();
+    }
     const PyConfig *config = _PyInterpreterState_GetConfig(tstate->interp);
     int backend = perf_requested(config);
     if (backend == PERF_OFF) {
@@ -596,7 +599,7 @@ _PyPerfTrampoline_Fini(void)
     (void)_PyPerfJit_SetWanted(0);
     PyUnstable_PerfMapState_Fini();
     warn_if_lines_lost();
-    _PyPerfAttach_Fini();
+    _PyPerfAttach_DropPending();
 }
 
 /* os._exit() and os.exec*() (patch 0012): nothing runs after them to
@@ -678,6 +681,9 @@ is_active(PyInterpreterState *Py_UNUSED(interp))
 void
 _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
 {
+    if (_Py_IsMainInterpreter(tstate->interp)) {
+        _PyPerfAttach_DropPending();
+    }
     const PyConfig *config = _PyInterpreterState_GetConfig(tstate->interp);
     if (perf_requested(config)) {
         fprintf(stderr, "python: perf support is not available on this "
@@ -688,7 +694,7 @@ _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
 void
 _PyPerfTrampoline_Fini(void)
 {
-    _PyPerfAttach_Fini();
+    _PyPerfAttach_DropPending();
 }
 
 void

@@ -219,19 +219,22 @@ class AttachTests(unittest.TestCase):
         self.assertEqual(err, "")
 
     def test_a_newer_request_made_meanwhile_is_reported(self):
-        # attach.py asks for "on" while the main thread sleeps; then a
-        # thread of the process asks for "off"; the main thread wakes and
-        # carries out the newest, "off".  attach.py must not say "on".
+        # attach.py asks for "on" while the main thread is blocked in a
+        # read; then a thread of the process asks for "off" and wakes it;
+        # the main thread carries out the newest, "off".  attach.py must
+        # not say "on".
         target = Target(self, """
-            import ctypes, os, sys, threading, time
+            import ctypes, os, sys, threading
+            wakeup_read, wakeup_write = os.pipe()
             def turn_off_when_told():
                 sys.stdin.readline()
                 print("off request",
                       ctypes.pythonapi.PyUnstable_PerfTrampoline_Request(0),
                       flush=True)
+                os.write(wakeup_write, b"x")
             threading.Thread(target=turn_off_when_told).start()
             print("ready", os.getpid(), flush=True)
-            time.sleep(4)
+            os.read(wakeup_read, 1)
             print("active", sys.is_stack_trampoline_active(), flush=True)
             sys.stdin.read()        # lives on until attach.py has asked
             """)
@@ -255,10 +258,10 @@ class AttachTests(unittest.TestCase):
             import ctypes, os, sys
             api = ctypes.pythonapi
             print("ready", os.getpid(), flush=True)
+            # Each is carried out when its call returns (the main thread
+            # checks for signals after a call).
             first = api.PyUnstable_PerfTrampoline_Request(1)
             second = api.PyUnstable_PerfTrampoline_Request(0)
-            for _ in range(3):      # checks for signals: carries it out
-                pass
             status = api.PyUnstable_PerfTrampoline_RequestStatus
             print(second - first, status(first), status(second),
                   status(second + 1), status(0), status(-1),
@@ -266,8 +269,8 @@ class AttachTests(unittest.TestCase):
                   sys.is_stack_trampoline_active())
             """)
         out, err = target.finish()
-        # The first was carried out before the second or replaced by it:
-        # 2 either way; the second is done; the next not made yet.
+        # The first was carried out before the second: 2; the second is
+        # done; the next not made yet.
         self.assertEqual(out.split(), ["1", "2", "1", "0", "0", "0", "-1",
                                        "False"])
         self.assertEqual(err, "")

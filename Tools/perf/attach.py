@@ -319,7 +319,7 @@ def attach(pid, backend, timeout):
                       f"interpreter takes no requests now")
     if number == NO_MORE_REQUESTS:
         raise Failure(f"PID {pid} has taken all the requests it can "
-                      f"(2**30); use sys.activate_stack_trampoline() in it")
+                      f"(2**30 - 1); use sys.activate_stack_trampoline() in it")
     if number <= 0:
         raise Failure(f"PID {pid} refused the request ({number})")
     what = "off" if backend == "off" else f"on ({backend})"

@@ -165,7 +165,8 @@ _PyPerfAttach_RunRequest(PyThreadState *tstate)
    dropped, not left for one that an embedding application initializes
    next.  Dropped again when that one is initialized: a thread of the
    process may have been preempted between checking that the interpreter
-   runs and publishing its request. */
+   runs and publishing its request.  A request published later still
+   goes to the new interpreter, as if made in its lifetime. */
 void
 _PyPerfAttach_DropPending(void)
 {

@@ -86,11 +86,13 @@ def clean_env():
 
 def remove_perf_files(pid):
     """A perf mode run leaves its map (and jitdump) behind, as it should;
-    keep /tmp tidy."""
+    keep /tmp tidy.  What is not a file of ours at those paths (a
+    directory, another user's file, left by someone else for a pid that
+    ours reused) stays."""
     for path in (f"/tmp/perf-{pid}.map", f"/tmp/jit-{pid}.dump"):
         try:
             os.unlink(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
             pass
 
 

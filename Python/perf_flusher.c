@@ -481,7 +481,7 @@ fork_child(void)
         outputs[i]->lost = 0;
     }
     pthread_mutex_unlock(&_PyPerfFiles_mutex);
-    _PyPerfTrampoline_AfterFork();
+    _PyPerfHook_AfterFork();
 }
 
 void
@@ -535,7 +535,7 @@ set_hook_polls(int polls)
                              (uintptr_t)timespec_ns(&pending.due));
     _Py_atomic_store_relaxed(&_PyPerfFlusher_polls, polls);
     if (polls) {
-        _PyPerfTrampoline_LeaveFastPath();
+        _PyPerfHook_LeaveFastPath();
     }
 }
 

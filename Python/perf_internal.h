@@ -2,9 +2,10 @@
    includes this.  Each file keeps its state in one static struct and
    offers the others the functions below, named with its prefix:
 
-     perf_trampoline.c      _PyPerfTrampoline_  configuration, the eval-frame
-                            hook and its code-extra cache, the C-stack
-                            guard, on/off, the sys functions
+     perf_trampoline.c      _PyPerfTrampoline_  configuration, on/off, the
+                            sys functions
+     perf_hook.c            _PyPerfHook_     the eval-frame hook, its
+                            code-extra cache, the C-stack guard
      perf_arena.c           _PyPerfArena_    executable memory for trampolines
      perf_files.c           _PyPerfFiles_    the pid, the one lock, safe
                             opening and appending, reading in chunks
@@ -51,11 +52,35 @@ typedef PyObject *(*py_trampoline)(PyThreadState *, _PyInterpreterFrame *,
 
 /* perf_trampoline.c */
 
+/* A trampoline could not be made while running: perf mode is turned off
+   in tstate's interpreter, with a warning.  The exception set is the
+   warning's text, and is cleared. */
+extern void _PyPerfTrampoline_DisableAfterFailure(PyThreadState *tstate);
+
+
+/* perf_hook.c */
+
+/* The PEP 523 eval-frame function of perf mode. */
+extern PyObject *_PyPerfHook_EvalFrame(PyThreadState *tstate,
+                                       _PyInterpreterFrame *frame,
+                                       int throwflag);
+/* Our co_extra index in interp, requested if needed; -1 with an exception
+   set on failure.  Called before perf mode is turned on in interp. */
+extern Py_ssize_t _PyPerfHook_UseCodeExtraIndex(PyInterpreterState *interp);
+/* The co_extra index for co's trampoline in interp, given ours there; -1
+   if co gets none (a code object shared by all interpreters, without a
+   slot of ours in the main interpreter). */
+extern Py_ssize_t _PyPerfHook_CodeExtraIndexFor(PyCodeObject *co,
+                                                PyInterpreterState *interp,
+                                                Py_ssize_t index);
+/* Give co a trampoline in slot index; NULL with an exception set. */
+extern py_trampoline _PyPerfHook_CompileTrampoline(PyCodeObject *co,
+                                                   Py_ssize_t index);
 /* In a forked child: its first Python frame gives it its own outputs. */
-extern void _PyPerfTrampoline_AfterFork(void);
+extern void _PyPerfHook_AfterFork(void);
 /* Send every frame down the hook's slow path until it serves one again
    with nothing to poll.  Any thread. */
-extern void _PyPerfTrampoline_LeaveFastPath(void);
+extern void _PyPerfHook_LeaveFastPath(void);
 
 
 /* perf_arena.c */

@@ -8,18 +8,15 @@
    trampoline, so each Python frame owns a distinct native return address,
    and /tmp/perf-<pid>.map tells perf the name of each trampoline.
 
-   This file holds the configuration, the hook with its code-object cache
-   and C-stack guard, turning perf mode on and off, and the sys functions;
+   This file holds the configuration, turning perf mode on and off, and
+   the sys functions; the hook is in Python/perf_hook.c, and
    Python/perf_internal.h lists the other files and what they hold.  All
    state here is process-wide and protected by the GIL. */
 
 #include "Python.h"
-#include "pycore_code.h"          // _PyCodeObjectExtra
-#include "pycore_frame.h"         // _PyInterpreterFrame
 #include "pycore_initconfig.h"    // _Py_GetEnv()
-#include "pycore_interp.h"        // PyInterpreterState.co_extra_freefuncs
+#include "pycore_interp.h"        // PyInterpreterState.eval_frame
 #include "pycore_perf_trampoline.h"
-#include "pycore_pyerrors.h"       // _PyErr_Occurred()
 #include "pycore_pystate.h"       // _PyThreadState_GET()
 
 #include <errno.h>
@@ -109,353 +106,19 @@ print_error(const char *what, const char *fallback)
 
 #ifdef PY_HAVE_PERF_TRAMPOLINE
 
-#include <sys/resource.h>         // getrlimit()
-#include <sys/auxv.h>             // getauxval()
-#include <sys/syscall.h>          // SYS_gettid
-#include <unistd.h>               // syscall()
-
 /* ---------------------------------------------------------------------
-   The eval-frame hook and the code-object cache. */
-
-/* The co_extra slot holds the code object's trampoline.  Trampolines are
-   never freed one by one, so there is nothing to release. */
-static void
-release_code_extra(void *Py_UNUSED(trampoline))
-{
-}
-
-/* The index is per interpreter; release_code_extra in an interpreter's
-   table of free functions marks ours, so the index is requested once per
-   interpreter however often perf mode is toggled. */
-static Py_ssize_t
-find_code_extra_index(PyInterpreterState *interp)
-{
-    for (Py_ssize_t index = 0; index < interp->co_extra_user_count; index++) {
-        if (interp->co_extra_freefuncs[index] == release_code_extra) {
-            return index;
-        }
-    }
-    return -1;
-}
-
-static struct {
-    /* The hook's fast path serves one interpreter: the last one whose
-       frame took the slow path.  0: none, while the hook polls for
-       pending entries (perf_flusher.c) or in a forked child.  Set with
-       the GIL; cleared by a thread that queues entries, which may not
-       hold it. */
-    _Py_atomic_address fast_interp;
-    Py_ssize_t fast_index;      /* our co_extra index in fast_interp */
-    int adoption_pending;       /* a forked child without its own map */
-} hook;
-
-static void
-set_fast_path(PyInterpreterState *interp, Py_ssize_t index)
-{
-    hook.fast_index = index;
-    _Py_atomic_store_relaxed(&hook.fast_interp,
-                             _PyPerfFlusher_HookPolls() ? 0
-                             : (uintptr_t)interp);
-}
-
-void
-_PyPerfTrampoline_LeaveFastPath(void)
-{
-    _Py_atomic_store_relaxed(&hook.fast_interp, 0);
-}
-
-/* What co's slot index holds, or NULL.  Not necessarily a trampoline: it
-   may be another tool's data (see _PyPerfArena_IsTrampoline).  Read
-   directly (patch 0013 shares the block's layout), as the hook cannot
-   afford _PyCode_GetExtra()'s call and checks. */
-static inline void *
-read_code_extra(PyCodeObject *co, Py_ssize_t index)
-{
-    _PyCodeObjectExtra *extra = (_PyCodeObjectExtra *)co->co_extra;
-    if (extra == NULL || index >= extra->ce_size) {
-        return NULL;
-    }
-    return extra->ce_extras[index];
-}
-
-/* Deep-frozen code objects (importlib, os, site...) are static, shared by
-   every interpreter, and start with the reference count of
-   _PyObject_IMMORTAL_INIT; no heap object comes near it. */
-#define STATIC_CODE_REFCNT (999999999 / 2)
-
-/* The co_extra index for co's trampoline, given ours in interp.  Indexes
-   are per interpreter, but a shared code object's slots are read by the
-   tools of every interpreter: its trampoline goes only in the slot that
-   is ours in the main interpreter, never in a slot that may be another
-   tool's there.  -1: co gets no trampoline here (shared, and perf mode
-   has no slot in the main interpreter or this one has no such index). */
-static Py_ssize_t
-code_extra_index_for(PyCodeObject *co, PyInterpreterState *interp,
-                     Py_ssize_t index)
-{
-    PyInterpreterState *main_interp = _PyInterpreterState_Main();
-    if (interp == main_interp || Py_REFCNT(co) < STATIC_CODE_REFCNT) {
-        return index;
-    }
-    Py_ssize_t main_index = find_code_extra_index(main_interp);
-    return main_index < interp->co_extra_user_count ? main_index : -1;
-}
-
-/* Our co_extra index in interp, requested if needed; -1 with an exception
-   set on failure.  activate() calls this before the hook runs in an
-   interpreter, so hook.fast_interp never pairs an interpreter with another's
-   index, even when a new interpreter reuses a freed one's address. */
-static Py_ssize_t
-use_code_extra_index(PyInterpreterState *interp)
-{
-    Py_ssize_t index = find_code_extra_index(interp);
-    if (index < 0) {
-        index = _PyEval_RequestCodeExtraIndex(release_code_extra);
-        if (index < 0) {
-            PyErr_SetString(PyExc_RuntimeError,
-                            "no free code object extra slot for perf support");
-            return -1;
-        }
-    }
-    set_fast_path(interp, index);
-    return index;
-}
-
-/* Give a code object its trampoline.  Returns NULL with an exception. */
-static py_trampoline
-compile_trampoline(PyCodeObject *co, Py_ssize_t index)
-{
-    py_trampoline code = _PyPerfArena_Allocate();
-    if (code == NULL) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return NULL;
-    }
-    if (_PyPerfFlusher_Announce(code, co) < 0) {
-        return NULL;
-    }
-    if (_PyCode_SetExtra((PyObject *)co, index, (void *)code) < 0) {
-        return NULL;
-    }
-    return code;
-}
-
-static PyObject *py_trampoline_evaluator(PyThreadState *,
-                                         _PyInterpreterFrame *, int);
+   Turning perf mode on and off. */
 
 /* A trampoline could not be made while running: turn perf mode off in this
    interpreter with one warning and carry on with the default evaluator. */
-static void
-disable_after_failure(PyThreadState *tstate)
+void
+_PyPerfTrampoline_DisableAfterFailure(PyThreadState *tstate)
 {
     print_error("disabled", "cannot create a trampoline");
-    if (tstate->interp->eval_frame == py_trampoline_evaluator) {
+    if (tstate->interp->eval_frame == _PyPerfHook_EvalFrame) {
         _PyInterpreterState_SetEvalFrameFunc(tstate->interp, NULL);
     }
 }
-
-/* The hook's slow path: another interpreter than the fast path's, or a
-   code object without a trampoline yet.  Returns NULL when the frame must
-   run without a trampoline. */
-static Py_NO_INLINE py_trampoline
-find_or_make_trampoline(PyThreadState *tstate, PyCodeObject *co)
-{
-    Py_ssize_t index = find_code_extra_index(tstate->interp);
-    if (index < 0) {
-        return NULL;
-    }
-    /* This interpreter runs now: make it the fast path's. */
-    set_fast_path(tstate->interp, index);
-    index = code_extra_index_for(co, tstate->interp, index);
-    if (index < 0) {
-        return NULL;
-    }
-    void *extra = NULL;
-    (void)_PyCode_GetExtra((PyObject *)co, index, &extra);
-    if (extra != NULL) {
-        /* Another tool's data is never called, nor overwritten. */
-        return _PyPerfArena_IsTrampoline(extra) ? (py_trampoline)extra : NULL;
-    }
-    /* A thrown-in exception is pending when throwflag is set: keep it out
-       of the way while the trampoline is made. */
-    PyObject *type = NULL, *value = NULL, *tb = NULL;
-    int thrown = (_PyErr_Occurred(tstate) != NULL);
-    if (thrown) {
-        _PyErr_Fetch(tstate, &type, &value, &tb);
-    }
-    py_trampoline code = compile_trampoline(co, index);
-    if (code == NULL) {
-        disable_after_failure(tstate);
-    }
-    if (thrown) {
-        _PyErr_Restore(tstate, type, value, tb);
-    }
-    return code;
-}
-
-/* The C stack.  In perf mode every Python frame costs a native frame (its
-   trampoline and an evaluator), where stock 3.11 runs Python-to-Python
-   calls inline, so deep recursion that stock survives could overflow the
-   C stack.  The hook raises RecursionError instead when less than
-   STACK_RESERVE bytes are left.  stack.limit starts at UINTPTR_MAX, so a
-   thread's first frame takes the slow path, which finds the limit.
-
-   Only the thread's own stack, from stack.low up, is judged: code
-   may run on stacks the guard knows nothing of (fibers made with
-   makecontext(), C coroutine libraries), and there it runs as on stock. */
-#define STACK_RESERVE (256 * 1024)
-
-static __thread struct {
-    uintptr_t limit;
-    uintptr_t low;
-    int limit_is_exact;
-} stack = {UINTPTR_MAX, 0, 0};
-
-/* Where this function's stack is: the stack pointer itself where it can
-   be read in one instruction, so that the hook needs no frame of its own. */
-static inline uintptr_t
-current_stack_address(void)
-{
-    uintptr_t sp;
-#if defined(__x86_64__)
-    __asm__("mov %%rsp, %0" : "=r"(sp));
-#elif defined(__aarch64__)
-    __asm__("mov %0, sp" : "=r"(sp));
-#else
-    sp = (uintptr_t)__builtin_frame_address(0);
-#endif
-    return sp;
-}
-
-/* The real limit: STACK_RESERVE (at most a quarter of the stack) above the
-   stack's lowest address, or 0 (no guard) if that is unknown. */
-static void
-find_exact_stack_limit(void)
-{
-    pthread_attr_t attr;
-    void *base;
-    size_t size;
-    stack.limit = 0;
-    stack.low = 0;
-    stack.limit_is_exact = 1;
-    if (pthread_getattr_np(pthread_self(), &attr) != 0) {
-        return;
-    }
-    if (pthread_attr_getstack(&attr, &base, &size) == 0) {
-        size_t reserve = size / 4 < STACK_RESERVE ? size / 4 : STACK_RESERVE;
-        stack.low = (uintptr_t)base;
-        stack.limit = stack.low + reserve;
-    }
-    pthread_attr_destroy(&attr);
-}
-
-/* Is sp on the stack the kernel gave the process (the main thread's)?  It
-   spans RLIMIT_STACK below the program's name, which exec() put near its
-   top (AT_EXECFN); thread stacks are mappings below all of that, unless
-   RLIMIT_STACK is huge, so the thread must be the main one too.  The
-   thread that forked a child is not on it, even if its id is the
-   child's pid. */
-static int
-on_initial_stack(uintptr_t sp, const struct rlimit *limit)
-{
-    uintptr_t top = (uintptr_t)getauxval(AT_EXECFN);
-    return limit->rlim_cur != RLIM_INFINITY
-           && sp < top && top - sp < (uintptr_t)limit->rlim_cur
-           && syscall(SYS_gettid) == _PyPerfFiles_Pid();
-}
-
-/* A thread's first limit.  For the main thread, glibc's
-   pthread_getattr_np() reads all of /proc/self/maps (about 100 us, 1% of
-   Python's startup), and most programs never run deep; so its first limit
-   is provisional: an eighth of RLIMIT_STACK below the first frame, which
-   exec() leaves free (arguments and environment take at most a quarter of
-   it).  Frames past it find the real limit. */
-static void
-find_stack_limit(uintptr_t sp)
-{
-    struct rlimit limit;
-    if (getrlimit(RLIMIT_STACK, &limit) == 0
-        && on_initial_stack(sp, &limit))
-    {
-        stack.limit = sp - (uintptr_t)limit.rlim_cur / 8;
-        stack.limit_is_exact = 0;
-        return;
-    }
-    find_exact_stack_limit();
-}
-
-/* Is the C stack nearly full?  Only where the thread's stack is known. */
-static int
-c_stack_nearly_full(void)
-{
-    uintptr_t sp = current_stack_address();
-    if (stack.limit == UINTPTR_MAX) {
-        find_stack_limit(sp);
-    }
-    if (sp <= stack.limit && !stack.limit_is_exact) {
-        find_exact_stack_limit();
-    }
-    return sp <= stack.limit && sp >= stack.low;
-}
-
-/* In a forked child (perf_flusher.c's fork handler): send the next frame
-   down the slow path, which gives the child its own outputs. */
-void
-_PyPerfTrampoline_AfterFork(void)
-{
-    _PyPerfTrampoline_LeaveFastPath();
-    hook.adoption_pending = 1;
-}
-
-/* Evaluate a frame that the fast path could not serve.  The hook may
-   return NULL without evaluating the frame: its caller clears it. */
-static Py_NO_INLINE PyObject *
-evaluate_slow(PyThreadState *tstate, _PyInterpreterFrame *frame,
-              int throwflag)
-{
-    if (c_stack_nearly_full()) {
-        PyErr_SetString(PyExc_RecursionError,
-                        "maximum recursion depth exceeded: the C stack is "
-                        "nearly full (perf mode uses a native frame per "
-                        "Python frame)");
-        return NULL;
-    }
-    if (hook.adoption_pending) {
-        hook.adoption_pending = 0;
-        _PyPerfFlusher_ScheduleAdoption();
-    }
-    if (_PyPerfFlusher_HookPolls()) {
-        _PyPerfFlusher_Poll();
-    }
-    py_trampoline code = find_or_make_trampoline(tstate, frame->f_code);
-    if (code == NULL) {
-        return _PyEval_EvalFrameDefault(tstate, frame, throwflag);
-    }
-    return code(tstate, frame, throwflag, _PyEval_EvalFrameDefault);
-}
-
-/* Runs for every Python frame in perf mode.  Both paths end in tail calls,
-   so no frame of the hook stays on the stack under the trampoline, and
-   the common case is a few loads and a jump. */
-static PyObject *
-py_trampoline_evaluator(PyThreadState *tstate, _PyInterpreterFrame *frame,
-                        int throwflag)
-{
-    if ((uintptr_t)tstate->interp
-            == _Py_atomic_load_relaxed(&hook.fast_interp)
-        && current_stack_address() > stack.limit)
-    {
-        void *code = read_code_extra(frame->f_code, hook.fast_index);
-        if (_PyPerfArena_IsTrampoline(code)) {
-            return ((py_trampoline)code)(tstate, frame, throwflag,
-                                         _PyEval_EvalFrameDefault);
-        }
-    }
-    return evaluate_slow(tstate, frame, throwflag);
-}
-
-
-/* ---------------------------------------------------------------------
-   Turning perf mode on and off. */
 
 static int
 perf_map_prepare(void)
@@ -473,7 +136,7 @@ static int
 refuse_foreign_hook(PyInterpreterState *interp)
 {
     if (interp->eval_frame != NULL
-        && interp->eval_frame != py_trampoline_evaluator)
+        && interp->eval_frame != _PyPerfHook_EvalFrame)
     {
         PyErr_SetString(PyExc_RuntimeError,
                         "Trampoline cannot be initialized as a custom eval "
@@ -513,7 +176,7 @@ activate(PyThreadState *tstate, int backend)
     if (refuse_foreign_hook(interp) < 0) {
         return -1;
     }
-    if (use_code_extra_index(interp) < 0 || perf_map_prepare() < 0
+    if (_PyPerfHook_UseCodeExtraIndex(interp) < 0 || perf_map_prepare() < 0
         || _PyPerfJit_SetWanted(backend == PERF_JIT) < 0)
     {
         return -1;
@@ -527,7 +190,7 @@ activate(PyThreadState *tstate, int backend)
            runs no frame through the hook: nothing would poll. */
         _PyPerfFlusher_UseThread();
     }
-    _PyInterpreterState_SetEvalFrameFunc(interp, py_trampoline_evaluator);
+    _PyInterpreterState_SetEvalFrameFunc(interp, _PyPerfHook_EvalFrame);
     return 0;
 }
 
@@ -560,7 +223,7 @@ deactivate(PyInterpreterState *interp)
 {
     /* Running frames keep returning through their trampolines, which stay
        mapped; only new frames stop using them. */
-    if (interp->eval_frame == py_trampoline_evaluator) {
+    if (interp->eval_frame == _PyPerfHook_EvalFrame) {
         _PyInterpreterState_SetEvalFrameFunc(interp, NULL);
         _PyPerfFlusher_Flush();
     }
@@ -569,7 +232,7 @@ deactivate(PyInterpreterState *interp)
 static int
 is_active(PyInterpreterState *interp)
 {
-    return interp->eval_frame == py_trampoline_evaluator;
+    return interp->eval_frame == _PyPerfHook_EvalFrame;
 }
 
 void
@@ -584,7 +247,7 @@ _PyPerfTrampoline_InitFromConfig(PyThreadState *tstate)
         return;
     }
     if (activate(tstate, backend) < 0) {
-        disable_after_failure(tstate);
+        _PyPerfTrampoline_DisableAfterFailure(tstate);
     }
 }
 
@@ -595,7 +258,7 @@ _PyPerfTrampoline_Fini(void)
     if (tstate != NULL) {
         deactivate(tstate->interp);
     }
-    _PyPerfTrampoline_LeaveFastPath();
+    _PyPerfHook_LeaveFastPath();
     (void)_PyPerfJit_SetWanted(0);
     PyUnstable_PerfMapState_Fini();
     warn_if_lines_lost();
@@ -617,11 +280,11 @@ int
 PyUnstable_PerfTrampoline_CompileCode(PyCodeObject *co)
 {
     PyInterpreterState *interp = _PyInterpreterState_GET();
-    Py_ssize_t index = use_code_extra_index(interp);
+    Py_ssize_t index = _PyPerfHook_UseCodeExtraIndex(interp);
     if (index < 0) {
         return -1;
     }
-    index = code_extra_index_for(co, interp, index);
+    index = _PyPerfHook_CodeExtraIndexFor(co, interp, index);
     if (index < 0) {
         return 0;
     }
@@ -629,7 +292,7 @@ PyUnstable_PerfTrampoline_CompileCode(PyCodeObject *co)
     if (_PyCode_GetExtra((PyObject *)co, index, &extra) < 0) {
         return -1;
     }
-    if (extra == NULL && compile_trampoline(co, index) == NULL) {
+    if (extra == NULL && _PyPerfHook_CompileTrampoline(co, index) == NULL) {
         /* As after a failure in the hook: the files lack an entry, so
            perf mode stops; the exception is the report. */
         deactivate(interp);

@@ -1,6 +1,6 @@
 /* The perf trampoline template (see Python/perf_trampoline.c).
 
-   Python/perf_trampoline.c copies the bytes between _Py_trampoline_func_start
+   Python/perf_arena.c copies the bytes between _Py_trampoline_func_start
    and _Py_trampoline_func_end once per code object, so the code must be
    position independent.  Its C signature is
 

@@ -1,5 +1,6 @@
 /* Between the files of perf support (Python/perf_*.c); nothing else
-   includes this.  Each file keeps its state in one static struct and
+   includes this.  Each file keeps its state in one static struct (the
+   hook also has a thread-local one; perf_trampoline.c has none) and
    offers the others the functions below, named with its prefix:
 
      perf_trampoline.c      _PyPerfTrampoline_  configuration, on/off, the
@@ -52,9 +53,10 @@ typedef PyObject *(*py_trampoline)(PyThreadState *, _PyInterpreterFrame *,
 
 /* perf_trampoline.c */
 
-/* A trampoline could not be made while running: perf mode is turned off
-   in tstate's interpreter, with a warning.  The exception set is the
-   warning's text, and is cleared. */
+/* Perf mode could not be turned on at start-up, or a trampoline could not
+   be made while running: perf mode is turned off in tstate's interpreter,
+   with a warning.  The exception set is the warning's text, and is
+   cleared. */
 extern void _PyPerfTrampoline_DisableAfterFailure(PyThreadState *tstate);
 
 
@@ -65,11 +67,14 @@ extern PyObject *_PyPerfHook_EvalFrame(PyThreadState *tstate,
                                        _PyInterpreterFrame *frame,
                                        int throwflag);
 /* Our co_extra index in interp, requested if needed; -1 with an exception
-   set on failure.  Called before perf mode is turned on in interp. */
+   set on failure.  The hook's fast path then serves interp.  Called
+   before perf mode is turned on in interp, and by
+   PyUnstable_PerfTrampoline_CompileCode(). */
 extern Py_ssize_t _PyPerfHook_UseCodeExtraIndex(PyInterpreterState *interp);
 /* The co_extra index for co's trampoline in interp, given ours there; -1
-   if co gets none (a code object shared by all interpreters, without a
-   slot of ours in the main interpreter). */
+   if co gets none: a code object shared by all interpreters, when perf
+   mode has no slot in the main interpreter or interp has no slot of that
+   index. */
 extern Py_ssize_t _PyPerfHook_CodeExtraIndexFor(PyCodeObject *co,
                                                 PyInterpreterState *interp,
                                                 Py_ssize_t index);

@@ -10,8 +10,8 @@
 
    This file holds the configuration, turning perf mode on and off, and
    the sys functions; the hook is in Python/perf_hook.c, and
-   Python/perf_internal.h lists the other files and what they hold.  All
-   state here is process-wide and protected by the GIL. */
+   Python/perf_internal.h lists the other files and what they hold.  It
+   runs with the GIL. */
 
 #include "Python.h"
 #include "pycore_initconfig.h"    // _Py_GetEnv()
@@ -109,8 +109,9 @@ print_error(const char *what, const char *fallback)
 /* ---------------------------------------------------------------------
    Turning perf mode on and off. */
 
-/* A trampoline could not be made while running: turn perf mode off in this
-   interpreter with one warning and carry on with the default evaluator. */
+/* Perf mode could not be turned on at start-up, or a trampoline could not
+   be made while running: turn perf mode off in this interpreter with one
+   warning and carry on with the default evaluator. */
 void
 _PyPerfTrampoline_DisableAfterFailure(PyThreadState *tstate)
 {

@@ -5,7 +5,8 @@ import subprocess
 
 # The stdlib test's helpers, so that every test cleans the environment and
 # reads maps the same way.
-from test.test_perf_profiler import clean_env, read_map_entries  # noqa: F401
+from test.test_perf_profiler import (  # noqa: F401
+    clean_env, read_map_entries, written_since)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build")

@@ -11,7 +11,8 @@ import textwrap
 import time
 import unittest
 
-from support import PATCHED, ROOT, clean_env, python, read_map_entries
+from support import (PATCHED, ROOT, clean_env, python, read_map_entries,
+                     written_since)
 from test.test_perf_profiler import read_jitdump, remove_jit_files, \
     require_perf
 
@@ -85,6 +86,9 @@ class Target:
         path = os.path.join(self.dir, "target.py")
         with open(path, "w") as f:
             f.write(textwrap.dedent(script))
+        # Its files in /tmp are those written since; older ones were left
+        # by earlier processes with its pid.
+        self.started = time.time()
         self.proc = subprocess.Popen(
             [python(PATCHED), path, *map(str, args)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -145,7 +149,8 @@ class AttachTests(unittest.TestCase):
     def test_profile_functions_called_after_attach(self):
         require_perf(self)
         target = Target(self, WORKLOAD, 0)
-        self.assertFalse(os.path.exists(f"/tmp/perf-{target.pid}.map"))
+        self.assertFalse(written_since(f"/tmp/perf-{target.pid}.map",
+                                       target.started))
         self.assert_attached(attach(target.pid), "on (perf)")
         data = os.path.join(target.dir, "perf.data")
         rec = subprocess.run(["perf", "record", "-F", "999", "-g", "-p",
@@ -198,7 +203,8 @@ class AttachTests(unittest.TestCase):
         self.assert_attached(attach("--off", target.pid), "off")
         out, err = target.finish()
         self.assertIn("active False", out)
-        self.assertFalse(os.path.exists(f"/tmp/perf-{target.pid}.map"))
+        self.assertFalse(written_since(f"/tmp/perf-{target.pid}.map",
+                                       target.started))
         self.assertEqual(err, "")
 
     def test_blocked_main_thread_does_it_when_it_returns(self):
@@ -324,8 +330,12 @@ class AttachTests(unittest.TestCase):
 
     def test_failure_is_one_line_on_the_targets_stderr(self):
         target = Target(self, WORKLOAD, 0)
-        # A map path that is a symbolic link is refused.
-        os.symlink("/dev/null", f"/tmp/perf-{target.pid}.map")
+        # A map path that is a symbolic link is refused.  (A file there
+        # now is a leftover of an earlier process with its pid.)
+        path = f"/tmp/perf-{target.pid}.map"
+        if os.path.lexists(path):
+            os.unlink(path)
+        os.symlink("/dev/null", path)
         proc = attach(target.pid)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("could not turn perf mode on", proc.stderr)

@@ -7,16 +7,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
-from support import PATCHED, ROOT, clean_env, run
+from support import PATCHED, ROOT, clean_env, run, written_since
 
 BENCH = os.path.join(ROOT, "Tools", "perf", "bench")
 PYTHON = os.path.join(PATCHED["obj"], "python")
 
 
 def run_one(*args):
-    """Run the harness's per-process timer; returns its pid and output."""
+    """Run the harness's per-process timer; returns its pid, output and
+    start time."""
+    start = time.time()
     proc = subprocess.Popen([PYTHON, os.path.join(BENCH, "run_one.py"),
                              *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
@@ -24,7 +27,7 @@ def run_one(*args):
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise AssertionError(f"run_one.py {args} failed:\n{err}")
-    return proc.pid, json.loads(out)
+    return proc.pid, json.loads(out), start
 
 
 class BenchHarnessTests(unittest.TestCase):
@@ -64,7 +67,8 @@ class BenchHarnessTests(unittest.TestCase):
     def test_toggled_pairs_run_in_perf_mode(self):
         # Started without -X perf, the process must turn perf mode on for
         # its "on" runs: the workload's function then has a map line.
-        pid, times = run_one("calls", "--pairs", "2", "--backend", "perf")
+        pid, times, _ = run_one("calls", "--pairs", "2",
+                                "--backend", "perf")
         map_file = f"/tmp/perf-{pid}.map"
         try:
             self.assertEqual((len(times["off"]), len(times["on"])), (2, 2))
@@ -75,9 +79,9 @@ class BenchHarnessTests(unittest.TestCase):
                 os.unlink(map_file)
 
     def test_single_run_stays_in_its_startup_mode(self):
-        pid, times = run_one("loops")
+        pid, times, start = run_one("loops")
         self.assertGreater(times["once"], 0)
-        self.assertFalse(os.path.exists(f"/tmp/perf-{pid}.map"))
+        self.assertFalse(written_since(f"/tmp/perf-{pid}.map", start))
 
     def test_whole_interpreters_counted_and_in_perf_mode(self):
         # ci_loop's "on" loop turns perf support on by the environment
@@ -109,7 +113,7 @@ class BenchHarnessTests(unittest.TestCase):
                          "sympy_integrate", "networkx_graph",
                          "difflib_diff"):
             with self.subTest(workload=workload):
-                _, times = run_one(workload)
+                _, times, _ = run_one(workload)
                 self.assertGreater(times["once"], 0)
                 proc = run([PYTHON, os.path.join(BENCH, "run_one.py"),
                             workload, "--import-only"], env=clean_env())

@@ -98,6 +98,18 @@ class Container:
         else:
             self.pid = self.proc.pid
         self.nspid = 1 if pidns else self.pid
+        self.park_leftovers(test)
+
+    def park_leftovers(self, test):
+        """Set aside, until the test ends, the files that an earlier process
+        with the container's host pid left in this /tmp: the tests check
+        what export puts there."""
+        for name in (f"perf-{self.pid}.map", f"jit-{self.pid}.dump"):
+            path = os.path.join("/tmp", name)
+            if os.path.lexists(path):
+                parked = path + ".parked-by-test_containers"
+                os.rename(path, parked)
+                test.addCleanup(os.replace, parked, path)
 
     def tmp_path(self, name):
         """name in the container's /tmp, as the host reaches it."""
@@ -367,8 +379,19 @@ class ContainerTests(unittest.TestCase):
                       "(--force replaces it)", proc.stderr)
         with open(dest) as f:
             self.assertEqual(f.read(), "something else\n")
-        self.assertEqual(export("--force").returncode, 0)
+        # A file last written before the process started is a leftover of
+        # an earlier process with its pid: replaced.
+        hour_ago = time.time() - 3600
+        os.utime(dest, (hour_ago, hour_ago))
+        proc = export()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("(replaced a leftover of an earlier process with "
+                      "this pid, ", proc.stdout)
+        with open(dest, "rb") as copy, \
+                open(container.tmp_path("perf-1.map"), "rb") as source:
+            self.assertTrue(source.read().startswith(copy.read()))
         os.chown(dest, pwd.getpwnam("nobody").pw_uid, -1)
+        os.utime(dest, (hour_ago, hour_ago))
         proc = export("--force")
         self.assertEqual(proc.returncode, 1)
         self.assertIn(f"belongs to uid {pwd.getpwnam('nobody').pw_uid}",

@@ -12,9 +12,11 @@ import errno
 import os
 import re
 import tempfile
+import time
 import unittest
 
-from support import PATCHED, ROOT, clean_env, python, read_map_entries, run
+from support import (PATCHED, ROOT, clean_env, python, read_map_entries,
+                     run, written_since)
 from test.test_perf_profiler import read_jitdump
 
 SHIM_SOURCE = os.path.join(ROOT, "tests", "faults", "faultshim.c")
@@ -61,7 +63,9 @@ class FaultTests(unittest.TestCase):
 
     def run_under_shim(self, faults, args, script):
         """Run script under the shim; return (pid, stdout, warnings) after
-        checking the exit status."""
+        checking the exit status.  Sets self.started: files of its
+        processes older than that are leftovers of earlier processes."""
+        self.started = time.time()
         env = clean_env(LD_PRELOAD=shim(),
                         **{k: str(v) for k, v in faults.items()})
         proc = run([python(PATCHED), *args, "-c", script], check=False,
@@ -89,7 +93,7 @@ class FaultTests(unittest.TestCase):
     def map_names(self, pid):
         """The names in the process's map ([] if it has none), which is
         removed; every line must be a whole entry for a Python function."""
-        if not os.path.exists(f"/tmp/perf-{pid}.map"):
+        if not written_since(f"/tmp/perf-{pid}.map", self.started):
             return []
         names = [entry.name for entry in read_map_entries(pid, remove=True)]
         self.assertEqual([name for name in names
@@ -177,7 +181,7 @@ class FaultTests(unittest.TestCase):
         """The code loads of the process's dump, None if it has none; the
         dump must hold whole records only, and is removed."""
         path = f"/tmp/jit-{pid}.dump"
-        if not os.path.exists(path):
+        if not written_since(path, self.started):
             return None
         if os.path.getsize(path) == 0:     # its header could not be written
             os.unlink(path)

@@ -11,7 +11,7 @@ import tempfile
 import time
 import unittest
 
-from support import PATCHED, ROOT, clean_env, python
+from support import PATCHED, ROOT, clean_env, python, written_since
 from test.test_perf_profiler import SEED, inject_jit, require_perf
 
 TOOLS = os.path.join(ROOT, "Tools", "perf")
@@ -254,10 +254,13 @@ class RealFilesTests(unittest.TestCase):
         self.dir = tempfile.mkdtemp(dir="/tmp")
         self.addCleanup(shutil.rmtree, self.dir)
 
-    def move_files_of(self, pid):
+    def move_files_of(self, pid, started):
+        """Move to self.dir the files of pid written since started (older
+        ones are leftovers of earlier processes with that pid)."""
         names = [name for name in os.listdir("/tmp")
                  if perf_files.kind_of(name) and
-                 perf_files.kind_of(name)[1] == pid]
+                 perf_files.kind_of(name)[1] == pid and
+                 written_since(os.path.join("/tmp", name), started)]
         for name in names:
             os.rename(os.path.join("/tmp", name), os.path.join(self.dir, name))
         return sorted(names)
@@ -295,10 +298,11 @@ class RealFilesTests(unittest.TestCase):
         return int(rec.stdout)
 
     def test_real_files(self):
+        started = time.time()
         live, live_pid = self.start_live_process()
         dead_pid = self.record_dead_process()
-        dead_files = self.move_files_of(dead_pid)
-        live_files = self.move_files_of(live_pid)
+        dead_files = self.move_files_of(dead_pid, started)
+        live_files = self.move_files_of(live_pid, started)
         self.assertIn(f"perf-{dead_pid}.map", dead_files)
         self.assertIn(f"jit-{dead_pid}.dump", dead_files)
         jitted = [n for n in dead_files if n.startswith("jitted-")]

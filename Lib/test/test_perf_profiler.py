@@ -83,6 +83,38 @@ def remove_map(pid):
     os_helper.unlink(map_path(pid))
 
 
+# Files are stamped with the kernel's coarse clock, which may lag
+# time.time() by a tick (1-10 ms).
+STAMP_SLACK = 0.1
+
+
+def written_since(path, start):
+    """Was the file at path written at or after start, a time.time() taken
+    before starting the process it is named for?  An older file of that
+    name belongs to an earlier process that had the same pid: pids wrap
+    at pid_max, and every process that ran in perf mode leaves its map in
+    /tmp, so on a machine where perf mode is used often some new process
+    finds one.  (tests/ checks its processes' files with this too.)"""
+    try:
+        return os.stat(path, follow_symlinks=False).st_mtime >= \
+            start - STAMP_SLACK
+    except FileNotFoundError:
+        return False
+
+
+# The start of a script that plants something at its own map's or dump's
+# path: an earlier process with the same pid may have left a file there
+# (see written_since()), on which the planting would fail.
+PLANT_AT = """
+import os
+def plant_at(path):
+    '''path, freed of what an earlier process with our pid left.'''
+    if os.path.lexists(path):
+        os.unlink(path)
+    return path
+"""
+
+
 def run_python(*args, env=None, script=None):
     """Run the interpreter; return (returncode, stdout, stderr) as text."""
     cmd = [sys.executable, *args]
@@ -710,7 +742,7 @@ class PerfMapTests(unittest.TestCase):
         and leave it untouched."""
         script = f"""
             import os, sys
-            path = f"/tmp/perf-{{os.getpid()}}.map"
+            path = plant_at(f"/tmp/perf-{{os.getpid()}}.map")
             {setup}
             try:
                 sys.activate_stack_trampoline("perf")
@@ -723,7 +755,7 @@ class PerfMapTests(unittest.TestCase):
             assert h() == 1
             print(os.getpid())
         """
-        out, _ = self.run_checked(script)
+        out, _ = self.run_checked(PLANT_AT + textwrap.dedent(script))
         message, pid = out.strip().splitlines()
         self.assertIn(reason, message)
         return int(pid)
@@ -756,11 +788,13 @@ class PerfMapTests(unittest.TestCase):
         # the pid), then start it with -X perf.
         script = """
             import os, sys
-            os.symlink("/nonexistent", f"/tmp/perf-{os.getpid()}.map")
+            path = plant_at(f"/tmp/perf-{os.getpid()}.map")
+            os.symlink("/nonexistent", path)
             os.execv(sys.executable, [sys.executable, "-X", "perf", "-c",
                      "import sys; print('ran', sys.is_stack_trampoline_active())"])
         """
-        code, out, err = run_python(script=script)
+        code, out, err = run_python(
+            script=PLANT_AT + textwrap.dedent(script))
         self.assertEqual(code, 0, err)
         self.assertEqual(out.strip(), "ran False")
         self.assertEqual(len(err.strip().splitlines()), 1, err)
@@ -1009,8 +1043,11 @@ class PerfJitTests(unittest.TestCase):
             import os, sys
             def f(): return 1
             f()
+            # perf inject finds the dump by the process's mapping of it.
+            with open("/proc/self/maps") as f:
+                dump_mapped = f"/tmp/jit-{os.getpid()}.dump" in f.read()
             print(os.getpid(), sys.is_stack_trampoline_active(),
-                  os.path.exists(f"/tmp/jit-{os.getpid()}.dump"))
+                  dump_mapped)
         """
         env = clean_env(PYTHON_PERF_JIT_SUPPORT="1")
         pid, active, dump = self.run_checked(script, env=env).split()
@@ -1152,12 +1189,14 @@ class PerfJitTests(unittest.TestCase):
         # the pid that the exec'd interpreter keeps.
         script = """
             import os, sys
-            os.symlink("/nonexistent", f"/tmp/jit-{os.getpid()}.dump")
+            path = plant_at(f"/tmp/jit-{os.getpid()}.dump")
+            os.symlink("/nonexistent", path)
             print(os.getpid(), flush=True)
             os.execv(sys.executable, [sys.executable, "-X", "perf_jit", "-c",
                      "import sys; print('ran', sys.is_stack_trampoline_active())"])
         """
-        code, out, err = run_python(script=script)
+        code, out, err = run_python(
+            script=PLANT_AT + textwrap.dedent(script))
         pid, ran = out.splitlines()
         os_helper.unlink(f"/tmp/jit-{pid}.dump")
         remove_map(pid)
@@ -1171,7 +1210,7 @@ class PerfJitTests(unittest.TestCase):
     def test_planted_symlink_refused(self):
         script = """
             import os, sys
-            path = f"/tmp/jit-{os.getpid()}.dump"
+            path = plant_at(f"/tmp/jit-{os.getpid()}.dump")
             os.symlink("/nonexistent", path)
             try:
                 sys.activate_stack_trampoline("perf_jit")
@@ -1181,7 +1220,8 @@ class PerfJitTests(unittest.TestCase):
                 os.unlink(path)
             print(sys.is_stack_trampoline_active(), os.getpid())
         """
-        message, result = self.run_checked(script).splitlines()
+        message, result = self.run_checked(
+            PLANT_AT + textwrap.dedent(script)).splitlines()
         active, pid = result.split()
         remove_map(int(pid))
         self.assertIn("jitdump file /tmp/jit-", message)
@@ -1366,11 +1406,12 @@ class DeferredLinesTests(unittest.TestCase):
             proc.wait()
             print(os.getpid(), pid, proc.pid)
         """
+        start = time.time()
         parent, child, spawned = map(int, self.run_checked(
             script, "-X", "perf").split())
         remove_map(parent)
-        self.assertFalse(os.path.exists(map_path(child)))
-        if os.path.exists(map_path(spawned)):
+        self.assertFalse(written_since(map_path(child), start))
+        if written_since(map_path(spawned), start):
             names = read_map(spawned)
             remove_map(spawned)
             self.assertFalse([n for n in names if "warm" in n], names)

@@ -30,9 +30,10 @@ The file is read as /proc/PID/root/tmp/perf-NSPID.map, NSPID being the
 process's pid in its own pid namespace, without following any symbolic
 link inside the container; the copy is owner-only (0600), made under a
 temporary name and put in place atomically, without following a link at
-the destination.  A file there that is not an earlier copy of the same map
-(the new one starts with it) is only replaced with --force, and never one
-of another user.  Without --wait the copy holds what the map held at that
+the destination.  A file there is replaced when it is an earlier copy of
+the same map (the new one starts with it) or a leftover of an earlier
+process that had the same pid (last written before this one started);
+any other only with --force, and never one of another user.  Without --wait the copy holds what the map held at that
 moment (whole lines only); with --wait the command holds the files open
 until every process has exited and copies them complete.
 
@@ -315,6 +316,21 @@ def read_status(proc_fd):
     return fields
 
 
+def start_time(proc_fd):
+    """When the process started, in seconds since the epoch, to within a
+    second (the kernel tells the boot time in whole seconds)."""
+    fd = os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
+    with open(fd) as f:
+        # The fields after the command name, which may hold anything, in
+        # parentheses; the 22nd field, starttime, is in clock ticks since
+        # boot.
+        ticks = int(f.read().rpartition(")")[2].split()[19])
+    with open("/proc/stat") as f:
+        boot = next(int(line.split()[1]) for line in f
+                    if line.startswith("btime "))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def open_in_container(tmp_fd, name, uids):
     """A read-only descriptor of the regular file tmp_fd/name, never
     following a symbolic link and never opening anything else (a FIFO or
@@ -360,6 +376,10 @@ class Target:
         self.nspid = int(nspids[-1])
         self.own_pidns = len(nspids) > 1
         self.uids = {int(uid) for uid in status["Uid"].split()}
+        try:
+            self.started = start_time(self.proc_fd)
+        except (FileNotFoundError, ProcessLookupError):
+            raise Failure(f"process {pid} has exited")
         self.tmp_fd = self.open_tmp()
         self.sources = {}            # kind -> descriptor
 
@@ -488,27 +508,36 @@ def is_prefix(dest_fd, name, st, temp):
         os.close(new)
 
 
-def refusal(dest_fd, name, temp, force):
-    """Why the existing file name may not be replaced, or None."""
+def replacement(dest_fd, name, temp, force, started):
+    """How the existing file name is replaced by temp, its copy of a
+    process that started at `started`: "replaced", or "replaced ..." with
+    the reason; Failure says why it may not be."""
     try:
         st = os.stat(name, dir_fd=dest_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return None
+        return "replaced"
     if stat.S_ISLNK(st.st_mode):
         # A rename replaces the link itself; it never writes its target.
-        return None if force else "is a symbolic link (--force replaces it)"
+        if force:
+            return "replaced"
+        raise Failure(f"{name} is a symbolic link (--force replaces it)")
     if not stat.S_ISREG(st.st_mode):
-        return "is not a regular file"
+        raise Failure(f"{name} is not a regular file")
     if st.st_uid != os.geteuid():
-        return f"belongs to uid {st.st_uid}"
+        raise Failure(f"{name} belongs to uid {st.st_uid}")
     if force or is_prefix(dest_fd, name, st, temp):
-        return None
-    return "exists and is not an earlier copy of this file " \
-        "(--force replaces it)"
+        return "replaced"
+    # Pids are reused: a file last written before the process started is
+    # no copy of its map, and would name its code wrongly.  (Two seconds'
+    # slack: the start time is known to within one.)
+    if st.st_mtime < started - 2:
+        return "replaced a leftover of an earlier process with this pid"
+    raise Failure(f"{name} exists and is not an earlier copy of this file "
+                  f"(--force replaces it)")
 
 
-def install(dest_fd, temp, name, force):
-    """Give temp its final name; returns "created" or "replaced"."""
+def install(dest_fd, temp, name, force, started):
+    """Give temp its final name; returns how ("created", "replaced ...")."""
     try:
         # A link never replaces an existing file: the atomic way to create.
         os.link(temp, name, src_dir_fd=dest_fd, dst_dir_fd=dest_fd,
@@ -520,12 +549,13 @@ def install(dest_fd, temp, name, force):
     except BaseException:
         os.unlink(temp, dir_fd=dest_fd)
         raise
-    reason = refusal(dest_fd, name, temp, force)
-    if reason is not None:
+    try:
+        how = replacement(dest_fd, name, temp, force, started)
+    except Failure:
         os.unlink(temp, dir_fd=dest_fd)
-        raise Failure(f"{name} {reason}")
+        raise
     os.replace(temp, name, src_dir_fd=dest_fd, dst_dir_fd=dest_fd)
-    return "replaced"
+    return how
 
 
 def export_one(target, dest_fd, args):
@@ -547,7 +577,7 @@ def export_one(target, dest_fd, args):
             target.pid)
         length = complete_length(kind, fd)
         temp = write_temp(dest_fd, name, fd, length)
-        how = install(dest_fd, temp, name, args.force)
+        how = install(dest_fd, temp, name, args.force, target.started)
         print(f"{where}: {target.source_name(kind)} -> "
               f"{os.path.join(args.dir, name)} ({how}, {length} bytes)")
     if target.own_pidns and target.has_jitdump():

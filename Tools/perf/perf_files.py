@@ -33,9 +33,10 @@ temporary name and put in place atomically, without following a link at
 the destination.  A file there is replaced when it is an earlier copy of
 the same map (the new one starts with it) or a leftover of an earlier
 process that had the same pid (last written before this one started);
-any other only with --force, and never one of another user.  Without --wait the copy holds what the map held at that
-moment (whole lines only); with --wait the command holds the files open
-until every process has exited and copies them complete.
+any other only with --force, and never one of another user.  Without
+--wait the copy holds what the map held at that moment (whole lines only);
+with --wait the command holds the files open until every process has
+exited and copies them complete.
 
 A process's jitdump is copied the same way only when the process is in
 this pid namespace (a container that has only its own /tmp, or a systemd

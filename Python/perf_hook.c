@@ -95,9 +95,9 @@ read_code_extra(PyCodeObject *co, Py_ssize_t index)
    is ours in the main interpreter, never in a slot that may be another
    tool's there.  -1: co gets no trampoline here (shared, and perf mode
    has no slot in the main interpreter or this one has no such index). */
-Py_ssize_t
-_PyPerfHook_CodeExtraIndexFor(PyCodeObject *co, PyInterpreterState *interp,
-                              Py_ssize_t index)
+static Py_ssize_t
+code_extra_index_for(PyCodeObject *co, PyInterpreterState *interp,
+                     Py_ssize_t index)
 {
     PyInterpreterState *main_interp = _PyInterpreterState_Main();
     if (interp == main_interp || Py_REFCNT(co) < STATIC_CODE_REFCNT) {
@@ -128,8 +128,8 @@ _PyPerfHook_UseCodeExtraIndex(PyInterpreterState *interp)
 }
 
 /* Give a code object its trampoline.  Returns NULL with an exception. */
-py_trampoline
-_PyPerfHook_CompileTrampoline(PyCodeObject *co, Py_ssize_t index)
+static py_trampoline
+compile_trampoline(PyCodeObject *co, Py_ssize_t index)
 {
     py_trampoline code = _PyPerfArena_Allocate();
     if (code == NULL) {
@@ -145,6 +145,27 @@ _PyPerfHook_CompileTrampoline(PyCodeObject *co, Py_ssize_t index)
     return code;
 }
 
+/* co's trampoline, made if needed: the hook's slow path and
+   PyUnstable_PerfTrampoline_CompileCode() (see perf_internal.h). */
+py_trampoline
+_PyPerfHook_TrampolineFor(PyCodeObject *co, PyInterpreterState *interp,
+                          Py_ssize_t index)
+{
+    index = code_extra_index_for(co, interp, index);
+    if (index < 0) {
+        return NULL;
+    }
+    void *extra = NULL;
+    if (_PyCode_GetExtra((PyObject *)co, index, &extra) < 0) {
+        return NULL;
+    }
+    if (extra != NULL) {
+        /* Another tool's data is never called, nor overwritten. */
+        return _PyPerfArena_IsTrampoline(extra) ? (py_trampoline)extra : NULL;
+    }
+    return compile_trampoline(co, index);
+}
+
 /* The hook's slow path: another interpreter than the fast path's, or a
    code object without a trampoline yet.  Returns NULL when the frame must
    run without a trampoline. */
@@ -157,25 +178,15 @@ find_or_make_trampoline(PyThreadState *tstate, PyCodeObject *co)
     }
     /* This interpreter runs now: make it the fast path's. */
     set_fast_path(tstate->interp, index);
-    index = _PyPerfHook_CodeExtraIndexFor(co, tstate->interp, index);
-    if (index < 0) {
-        return NULL;
-    }
-    void *extra = NULL;
-    (void)_PyCode_GetExtra((PyObject *)co, index, &extra);
-    if (extra != NULL) {
-        /* Another tool's data is never called, nor overwritten. */
-        return _PyPerfArena_IsTrampoline(extra) ? (py_trampoline)extra : NULL;
-    }
     /* A thrown-in exception is pending when throwflag is set: keep it out
-       of the way while the trampoline is made. */
+       of the way, so that an exception after the call is a failure. */
     PyObject *type = NULL, *value = NULL, *tb = NULL;
     int thrown = (_PyErr_Occurred(tstate) != NULL);
     if (thrown) {
         _PyErr_Fetch(tstate, &type, &value, &tb);
     }
-    py_trampoline code = _PyPerfHook_CompileTrampoline(co, index);
-    if (code == NULL) {
+    py_trampoline code = _PyPerfHook_TrampolineFor(co, tstate->interp, index);
+    if (code == NULL && _PyErr_Occurred(tstate)) {
         _PyPerfTrampoline_DisableAfterFailure(tstate);
     }
     if (thrown) {

@@ -71,16 +71,15 @@ extern PyObject *_PyPerfHook_EvalFrame(PyThreadState *tstate,
    before perf mode is turned on in interp, and by
    PyUnstable_PerfTrampoline_CompileCode(). */
 extern Py_ssize_t _PyPerfHook_UseCodeExtraIndex(PyInterpreterState *interp);
-/* The co_extra index for co's trampoline in interp, given ours there; -1
-   if co gets none: a code object shared by all interpreters, when perf
-   mode has no slot in the main interpreter or interp has no slot of that
-   index. */
-extern Py_ssize_t _PyPerfHook_CodeExtraIndexFor(PyCodeObject *co,
-                                                PyInterpreterState *interp,
-                                                Py_ssize_t index);
-/* Give co a trampoline in slot index; NULL with an exception set. */
-extern py_trampoline _PyPerfHook_CompileTrampoline(PyCodeObject *co,
-                                                   Py_ssize_t index);
+/* co's trampoline in interp, where index is our co_extra index; made if
+   co has none yet.  NULL without an exception when co gets none there (a
+   code object shared by all interpreters, when perf mode has no slot for
+   it; another tool's data in the slot); NULL with an exception when it
+   could not be made: the files then lack its entry, and the caller turns
+   perf mode off.  Needs the GIL and no exception set. */
+extern py_trampoline _PyPerfHook_TrampolineFor(PyCodeObject *co,
+                                               PyInterpreterState *interp,
+                                               Py_ssize_t index);
 /* In a forked child: its first Python frame gives it its own outputs. */
 extern void _PyPerfHook_AfterFork(void);
 /* Send every frame down the hook's slow path until it serves one again

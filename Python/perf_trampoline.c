@@ -285,15 +285,9 @@ PyUnstable_PerfTrampoline_CompileCode(PyCodeObject *co)
     if (index < 0) {
         return -1;
     }
-    index = _PyPerfHook_CodeExtraIndexFor(co, interp, index);
-    if (index < 0) {
-        return 0;
-    }
-    void *extra = NULL;
-    if (_PyCode_GetExtra((PyObject *)co, index, &extra) < 0) {
-        return -1;
-    }
-    if (extra == NULL && _PyPerfHook_CompileTrampoline(co, index) == NULL) {
+    if (_PyPerfHook_TrampolineFor(co, interp, index) == NULL
+        && PyErr_Occurred())
+    {
         /* As after a failure in the hook: the files lack an entry, so
            perf mode stops; the exception is the report. */
         deactivate(interp);

@@ -117,9 +117,23 @@ def run_cpython_tests(tally, label, extra_env, python=sys.executable,
 
 
 def perf_files():
-    """Maps and jitdumps: every process started with perf support on
-    leaves its own."""
-    return set(glob.glob("/tmp/perf-*.map") + glob.glob("/tmp/jit-*.dump"))
+    """Maps and jitdumps, with when each was last written: every process
+    started with perf support on leaves its own."""
+    stamps = {}
+    for path in glob.glob("/tmp/perf-*.map") + glob.glob("/tmp/jit-*.dump"):
+        try:
+            stamps[path] = os.stat(path, follow_symlinks=False).st_mtime_ns
+        except FileNotFoundError:
+            pass
+    return stamps
+
+
+def written_during(before, after):
+    """The files of after that are new or were written since before: a
+    process of the run may have reused a pid whose leftover was there, and
+    emptied and filled that file."""
+    return [path for path, stamp in after.items()
+            if before.get(path) != stamp]
 
 
 def remove_files_of_exited(paths):
@@ -197,7 +211,7 @@ def main():
             run_memory_tests(tally, os.path.join(os.path.dirname(TESTS),
                                                  "build", "python-debug"))
     finally:
-        remove_files_of_exited(perf_files() - files_before)
+        remove_files_of_exited(written_during(files_before, perf_files()))
     print(f"{tally.passed} passed, {tally.failed} failed, "
           f"{tally.skipped} skipped")
     return 1 if tally.failed else 0

@@ -20,18 +20,12 @@ sys.activate_stack_trampoline(); a workload that can only run once per
 process (imports) alternates fresh processes instead, for more pairs:
 they are short, and the pairs of fresh processes vary more.
 
-Callgrind also counts instructions: on vs off for every workload
-(user-space work only; the perf map's write() calls are kernel time) --
-whole processes, except for real code -- and the patched build with perf
-support off against the stock build (the cost of merely carrying the
-patch).  A run of real code is counted alone, after its imports and an
-untimed run, as its wall times are: --counted-runs runs with perf mode
-off, then as many with it on, in one process.  Their counts vary from
-run to run (by about 1% for sympy and pygments: where objects and
-malloc's blocks land), so the table shows the ratio of the means with a
-95% bootstrap interval.  (An interpreter that cannot turn the backend on
-at run time gets one process per mode instead, counting its second
-run.)
+Callgrind also counts instructions, which do not move: on vs off for
+every workload (user-space work only; the perf map's write() calls are
+kernel time) -- whole processes, except for real code: its second run,
+after its imports and a first run, as its wall times -- and the patched build with
+perf support off against the stock build (the cost of merely carrying
+the patch).
 
 With --anchor PYTHON (CPython 3.13, `make anchor`), every workload is
 measured on that interpreter too, right after ours, with its own perf
@@ -43,7 +37,6 @@ Usage: python bench.py --python build/python [--stock build/stock/python]
                        [--backend perf|perf_jit] [--rounds 60]
                        [--processes 20] [--process-rounds 300]
                        [--startup-rounds 400] [--loop-rounds 20]
-                       [--counted-runs 5] [--no-callgrind]
                        [--json FILE] [WORKLOAD ...]"""
 
 import argparse
@@ -54,7 +47,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -299,75 +291,15 @@ def workload_instructions(python, workload, backend, on):
             - instructions(python, [*command, "--import-only"]))
 
 
-def dump_total(path):
-    """The instructions counted in one callgrind dump."""
-    with open(path) as f:
-        for line in f:
-            if line.startswith("summary:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no summary in {path}")
-
-
-def counted_instructions(python, workload, backend, runs):
-    """The instructions of each of `runs` runs with perf mode off, and of
-    each of `runs` runs with it on after them, in one process
-    (run_one.py --counted): each run is counted alone."""
-    command = [RUN_ONE, workload, "--counted", str(runs),
-               "--backend", backend]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "callgrind.out")
-        proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind",
-             "--toggle-collect=_PyEval_CallTracing",
-             "--dump-after=_PyEval_CallTracing",
-             f"--callgrind-out-file={out}", python, *command],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env=clean_env())
-        _, stderr = proc.communicate()
-        remove_perf_files(proc.pid)
-        dumps = [f"{out}.{i}" for i in range(1, 2 * runs + 1)]
-        if proc.returncode != 0 or not all(map(os.path.exists, dumps)):
-            raise RuntimeError(f"callgrind failed on {command}:\n{stderr}")
-        counts = [dump_total(path) for path in dumps]
-    return counts[:runs], counts[runs:]
-
-
-def ratio_of_means(off, on, resamples=2000):
-    """mean(on) / mean(off), and a 95% bootstrap interval for it (each
-    mode's runs resampled on their own).  Seeded, as ratio_with_interval."""
-    rng = random.Random(0)
-    ratios = sorted(
-        statistics.mean(rng.choices(on, k=len(on)))
-        / statistics.mean(rng.choices(off, k=len(off)))
-        for _ in range(resamples))
-    return (statistics.mean(on) / statistics.mean(off),
-            ratios[int(0.025 * resamples)],
-            ratios[int(0.975 * resamples) - 1])
-
-
-def measure_instructions(python, workload, backend, runs):
-    """One interpreter's instruction counts for a workload, off and on:
-    for real code the means of `runs` runs counted in one process, where
-    the interpreter can turn the backend on; else one process per mode."""
-    if workload in REAL_CODE and can_toggle(python, backend):
-        off, on = counted_instructions(python, workload, backend, runs)
-        ratio, low, high = ratio_of_means(off, on)
-        return {"off": round(statistics.mean(off)),
-                "on": round(statistics.mean(on)), "ratio": ratio,
-                "ratio_95": [low, high], "runs": {"off": off, "on": on}}
+def measure_instructions(python, workload, backend):
     off = workload_instructions(python, workload, backend, False)
     on = workload_instructions(python, workload, backend, True)
     return {"off": off, "on": on, "ratio": on / off}
 
 
 def print_instructions(workload, label, result):
-    interval = ""
-    if "ratio_95" in result:
-        low, high = result["ratio_95"]
-        interval = (f"  (95%: {low:.3f}-{high:.3f}; means of "
-                    f"{len(result['runs']['off'])} runs)")
     print(f"  {workload:18} {label:5} off {result['off']:>14,}  "
-          f"on {result['on']:>14,}  ratio {result['ratio']:.3f}{interval}",
+          f"on {result['on']:>14,}  ratio {result['ratio']:.3f}",
           flush=True)
 
 
@@ -440,8 +372,6 @@ def main():
     parser.add_argument("--loop-rounds", type=int, default=20,
                         help="off/on pairs of loops of 100 interpreters")
     parser.add_argument("--json")
-    parser.add_argument("--counted-runs", type=int, default=5,
-                        help="runs of real code counted in each mode")
     parser.add_argument("--no-callgrind", dest="callgrind",
                         action="store_false",
                         help="wall times only (callgrind takes minutes)")
@@ -455,8 +385,7 @@ def main():
               "rounds": args.rounds, "processes": args.processes,
               "process_rounds": args.process_rounds,
               "startup_rounds": args.startup_rounds,
-              "loop_rounds": args.loop_rounds,
-              "counted_runs": args.counted_runs, "backend": args.backend}
+              "loop_rounds": args.loop_rounds, "backend": args.backend}
     for label, _ in interpreters(args):
         report[label] = {"ratios": {}, "perf_instructions": {}}
     print(f"-X {args.backend} vs off, {args.python}"
@@ -472,13 +401,11 @@ def main():
             print_ratio(workload, label, result)
     if args.callgrind:
         print(f"instructions (callgrind), -X {args.backend} vs off "
-              f"(real code: {args.counted_runs} runs of each mode in one "
-              f"process, each after its imports and an untimed run):")
+              f"(real code: its second run):")
         for workload in args.workloads:
             for label, python in interpreters(args):
                 result = measure_instructions(python, workload,
-                                              args.backend,
-                                              args.counted_runs)
+                                              args.backend)
                 report[label]["perf_instructions"][workload] = result
                 print_instructions(workload, label, result)
     if args.stock and args.callgrind:

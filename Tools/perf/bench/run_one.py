@@ -19,13 +19,6 @@
         swapped from pair to pair: prints {"off": [...], "on": [...]},
         the two runs of a pair at the same index.
 
-    python run_one.py WORKLOAD --counted N --backend perf|perf_jit
-        N runs with perf mode off, then N with it on, each mode after an
-        untimed run, each run called through sys.call_tracing(): under
-        callgrind with --toggle-collect=_PyEval_CallTracing
-        --dump-after=_PyEval_CallTracing, each run is counted alone, in
-        that order.  Prints nothing.
-
 Runs of a pair are a fraction of a second apart, so the shared machine's
 swings in speed, which last longer than that, hit both modes alike.  Each
 mode runs once untimed first, so trampolines and specialised bytecode are
@@ -69,25 +62,10 @@ def timed_pairs(workload, pairs, backend):
     return {"off": times[False], "on": times[True]}
 
 
-def counted_runs(workload, runs, backend):
-    # Off first and never again: perf mode's flusher thread, once started,
-    # stays, and with it its cost (glibc's malloc leaves its single-thread
-    # path for good), which the "on" runs must carry and the "off" ones
-    # must not.
-    for on in (False, True):
-        if on:
-            sys.activate_stack_trampoline(backend)
-        workload.run()
-        for _ in range(runs):
-            gc.collect()
-            sys.call_tracing(workload.run, ())
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("workload")
     parser.add_argument("--pairs", type=int)
-    parser.add_argument("--counted", type=int)
     parser.add_argument("--backend", default="perf")
     parser.add_argument("--import-only", action="store_true")
     parser.add_argument("--warm", action="store_true")
@@ -96,9 +74,6 @@ def main():
     if args.warm:
         workload.run()
     if args.import_only:
-        return
-    if args.counted is not None:
-        counted_runs(workload, args.counted, args.backend)
         return
     if args.pairs is None:
         result = {"once": timed_run(workload)}

@@ -379,19 +379,13 @@ class ContainerTests(unittest.TestCase):
                       "(--force replaces it)", proc.stderr)
         with open(dest) as f:
             self.assertEqual(f.read(), "something else\n")
-        # A file last written before the process started is a leftover of
-        # an earlier process with its pid: replaced.
+        # Outside /tmp, even a file older than the process may be a map
+        # kept on purpose.
         hour_ago = time.time() - 3600
         os.utime(dest, (hour_ago, hour_ago))
-        proc = export()
-        self.assertEqual(proc.returncode, 0, proc.stderr)
-        self.assertIn("(replaced a leftover of an earlier process with "
-                      "this pid, ", proc.stdout)
-        with open(dest, "rb") as copy, \
-                open(container.tmp_path("perf-1.map"), "rb") as source:
-            self.assertTrue(source.read().startswith(copy.read()))
+        self.assertEqual(export().returncode, 1)
+        self.assertEqual(export("--force").returncode, 0)
         os.chown(dest, pwd.getpwnam("nobody").pw_uid, -1)
-        os.utime(dest, (hour_ago, hour_ago))
         proc = export("--force")
         self.assertEqual(proc.returncode, 1)
         self.assertIn(f"belongs to uid {pwd.getpwnam('nobody').pw_uid}",
@@ -407,6 +401,31 @@ class ContainerTests(unittest.TestCase):
         self.assertIn("(created, ", proc.stdout)
         self.assertEqual(os.stat(dest).st_mode & 0o777, 0o600)
         self.assertEqual(os.listdir(self.out), [f"perf-{pid}.map"])
+        with open(dest, "rb") as copy, \
+                open(container.tmp_path("perf-1.map"), "rb") as source:
+            self.assertTrue(source.read().startswith(copy.read()))
+
+    def test_export_replaces_leftovers_in_tmp(self):
+        # In /tmp, a file last written before the process started is a
+        # leftover of an earlier process with its pid: replaced, unless a
+        # process still has it open (one in another pid namespace that
+        # shares /tmp writes under the pid it has there).
+        container = self.start(60)
+        pid = container.pid
+        dest = f"/tmp/perf-{pid}.map"
+        self.addCleanup(remove_map, pid)
+        hour_ago = time.time() - 3600
+        with open(dest, "w") as f:
+            f.write("1000 10 py::leftover:old.py\n")
+        os.utime(dest, (hour_ago, hour_ago))
+        with open(dest):                 # as a process writing it would
+            proc = run_tool("export", str(pid))
+            self.assertEqual(proc.returncode, 1)
+            self.assertIn("exists and is not an earlier copy", proc.stderr)
+        proc = run_tool("export", str(pid))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn(f"-> {dest} (replaced a leftover of an earlier "
+                      f"process with this pid, ", proc.stdout)
         with open(dest, "rb") as copy, \
                 open(container.tmp_path("perf-1.map"), "rb") as source:
             self.assertTrue(source.read().startswith(copy.read()))

@@ -84,8 +84,10 @@ def remove_map(pid):
 
 
 # Files are stamped with the kernel's coarse clock, which may lag
-# time.time() by a tick (1-10 ms).
-STAMP_SLACK = 0.1
+# time.time() by a tick (1-10 ms), and some filesystems keep whole
+# seconds only (ext4 with 128-byte inodes).  A pid is not reused within a
+# second.
+STAMP_SLACK = 1.0
 
 
 def written_since(path, start):

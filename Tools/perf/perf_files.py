@@ -31,9 +31,11 @@ process's pid in its own pid namespace, without following any symbolic
 link inside the container; the copy is owner-only (0600), made under a
 temporary name and put in place atomically, without following a link at
 the destination.  A file there is replaced when it is an earlier copy of
-the same map (the new one starts with it) or a leftover of an earlier
-process that had the same pid (last written before this one started);
-any other only with --force, and never one of another user.  Without
+the same map (the new one starts with it) or, in /tmp, a leftover of an
+earlier process that had the same pid (last written before this one
+started, and open in no process); any other only with --force (in
+another directory, it may be a map kept on purpose), and never one of
+another user.  Without
 --wait the copy holds what the map held at that moment (whole lines only);
 with --wait the command holds the files open until every process has
 exited and copies them complete.
@@ -511,8 +513,9 @@ def is_prefix(dest_fd, name, st, temp):
 
 def replacement(dest_fd, name, temp, force, started):
     """How the existing file name is replaced by temp, its copy of a
-    process that started at `started`: "replaced", or "replaced ..." with
-    the reason; Failure says why it may not be."""
+    process that started at `started` (None: leftovers are kept):
+    "replaced", or "replaced ..." with the reason; Failure says why it
+    may not be."""
     try:
         st = os.stat(name, dir_fd=dest_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -529,9 +532,12 @@ def replacement(dest_fd, name, temp, force, started):
     if force or is_prefix(dest_fd, name, st, temp):
         return "replaced"
     # Pids are reused: a file last written before the process started is
-    # no copy of its map, and would name its code wrongly.  (Two seconds'
-    # slack: the start time is known to within one.)
-    if st.st_mtime < started - 2:
+    # no copy of its map, and would name its code wrongly -- unless a
+    # process still writes it (one in another pid namespace that shares
+    # this /tmp, under the pid it has there).  (Two seconds' slack: the
+    # start time is known to within one.)
+    if started is not None and st.st_mtime < started - 2 \
+            and (st.st_dev, st.st_ino) not in files_in_use():
         return "replaced a leftover of an earlier process with this pid"
     raise Failure(f"{name} exists and is not an earlier copy of this file "
                   f"(--force replaces it)")
@@ -562,6 +568,9 @@ def install(dest_fd, temp, name, force, started):
 def export_one(target, dest_fd, args):
     """Copy target's files; Failure when there was nothing to copy."""
     dest_dir = os.fstat(dest_fd)
+    # Leftovers are replaced only where perf looks for maps.
+    started = target.started if same_file(dest_dir, os.stat("/tmp")) \
+        else None
     if not target.own_pidns and same_file(os.fstat(target.tmp_fd), dest_dir):
         print(f"process {target.pid} writes its files in {args.dir} "
               f"itself: nothing to export")
@@ -578,7 +587,7 @@ def export_one(target, dest_fd, args):
             target.pid)
         length = complete_length(kind, fd)
         temp = write_temp(dest_fd, name, fd, length)
-        how = install(dest_fd, temp, name, args.force, target.started)
+        how = install(dest_fd, temp, name, args.force, started)
         print(f"{where}: {target.source_name(kind)} -> "
               f"{os.path.join(args.dir, name)} ({how}, {length} bytes)")
     if target.own_pidns and target.has_jitdump():

@@ -14,7 +14,7 @@ import unittest
 from support import (PATCHED, ROOT, clean_env, python, read_map_entries,
                      written_since)
 from test.test_perf_profiler import read_jitdump, remove_jit_files, \
-    require_perf
+    remove_map, require_perf
 
 ATTACH = os.path.join(ROOT, "Tools", "perf", "attach.py")
 
@@ -114,8 +114,7 @@ class Target:
             self.proc.communicate()
 
     def remove_files(self):
-        if os.path.exists(f"/tmp/perf-{self.pid}.map"):
-            os.unlink(f"/tmp/perf-{self.pid}.map")
+        remove_map(self.pid)
         remove_jit_files(self.pid)
 
     def map_names(self):
@@ -332,10 +331,8 @@ class AttachTests(unittest.TestCase):
         target = Target(self, WORKLOAD, 0)
         # A map path that is a symbolic link is refused.  (A file there
         # now is a leftover of an earlier process with its pid.)
-        path = f"/tmp/perf-{target.pid}.map"
-        if os.path.lexists(path):
-            os.unlink(path)
-        os.symlink("/dev/null", path)
+        remove_map(target.pid)
+        os.symlink("/dev/null", f"/tmp/perf-{target.pid}.map")
         proc = attach(target.pid)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("could not turn perf mode on", proc.stderr)

@@ -35,10 +35,9 @@ the same map (the new one starts with it) or, in /tmp, a leftover of an
 earlier process that had the same pid (last written before this one
 started, and open in no process); any other only with --force (in
 another directory, it may be a map kept on purpose), and never one of
-another user.  Without
---wait the copy holds what the map held at that moment (whole lines only);
-with --wait the command holds the files open until every process has
-exited and copies them complete.
+another user.  Without --wait the copy holds what the map held at that
+moment (whole lines only); with --wait the command holds the files open
+until every process has exited and copies them complete.
 
 A process's jitdump is copied the same way only when the process is in
 this pid namespace (a container that has only its own /tmp, or a systemd

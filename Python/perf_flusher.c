@@ -13,31 +13,19 @@
    handover per millisecond of new code.)  Lines of the
    PyUnstable API go out at once, as in CPython 3.12.
 
-   Most processes never get the flusher.  A second thread costs a process
-   more than its start: in kernel time for the shared address space (3%
-   of `python -c pass`, 1 ms of CPU), and in glibc's malloc, which leaves
-   its single-thread fast path for good (2-3% of the instructions of
-   pygments highlighting a file, on every run after the thread started).
-   So a process writes its entries itself while it is young in perf mode
-   (its first THREAD_AFTER_NS: most processes that run with
-   PYTHONPERFSUPPORT=1 set for a whole CI job live a few tens of
-   milliseconds) and for as long as it has only one thread (glibc says
-   so in __libc_single_threaded); one that has other threads anyway gets
-   the flusher at its first entries after its young phase.  A process
-   without the flusher writes its entries:
-   - once they are due: while any are pending, every Python frame takes
-     the hook's slow path, which polls (_PyPerfFlusher_Poll);
-   - before the GIL is released (_PyPerfFlusher_BeforeGILRelease), where
-     it may block with no frame left to poll (a service waiting for its
-     next request): at once, past its young phase.  A young process
-     writes only due entries there: it would otherwise write once per
-     module it imports (each import reads files without the GIL).
-   So a process that stops running Python frames without releasing the
-   GIL (a call-free loop, a long computation in C), or a young one that
-   blocks, keeps its pending entries until it runs a frame again,
-   releases the GIL, forks, execs or exits.  A sub-interpreter in perf
-   mode gets the thread: it may end while no frame of the others goes
-   through the hook. */
+   A short process has no flusher.  A second thread costs a process more
+   than its start (measured on `python -c pass`: 3% of its wall time,
+   1 ms of CPU, in kernel time for the shared address space and in
+   glibc's malloc, which leaves its single-thread fast path for good), and
+   most processes that run with PYTHONPERFSUPPORT=1 set for a whole CI
+   job live a few tens of milliseconds.  So for its first THREAD_AFTER_NS
+   in perf mode a process writes its entries itself: while any are
+   pending, every Python frame takes the hook's slow path, which polls
+   (_PyPerfFlusher_Poll) and writes them once they are due.  A young
+   process that stops running Python frames (a call-free loop, a blocking
+   call) keeps them until it runs one again, forks, execs or exits.  A
+   sub-interpreter in perf mode gets the thread: it may end while no
+   frame of the others goes through the hook. */
 
 #include "Python.h"
 
@@ -48,12 +36,6 @@
 #include <errno.h>
 #include <signal.h>               // pthread_sigmask()
 #include <time.h>                 // clock_gettime()
-#if defined(__has_include)
-#  if __has_include(<sys/single_threaded.h>)
-#    include <sys/single_threaded.h>  // __libc_single_threaded (glibc 2.32)
-#    define HAVE_LIBC_SINGLE_THREADED 1
-#  endif
-#endif
 
 #define PENDING_BYTES (64 * 1024)
 #define FLUSH_DELAY_NS (10 * 1000 * 1000)
@@ -557,37 +539,18 @@ set_hook_polls(int polls)
     }
 }
 
-/* Is this process in its first THREAD_AFTER_NS of perf mode? */
+/* Does this process write its entries itself (without a flusher)? */
 static int
 is_young_locked(const struct timespec *now)
 {
-    return ns_between(&pending.since, now) < THREAD_AFTER_NS;
-}
-
-/* Has this process never had a second thread?  Unknown (taken as no)
-   without glibc's flag. */
-static int
-is_single_threaded(void)
-{
-#ifdef HAVE_LIBC_SINGLE_THREADED
-    return __libc_single_threaded;
-#else
-    return 0;
-#endif
-}
-
-/* Does this process write its entries itself (without a flusher)? */
-static int
-writes_own_entries_locked(const struct timespec *now)
-{
     return pending.flusher_owner != _PyPerfFiles_Pid() && !pending.use_thread
-           && (is_young_locked(now) || is_single_threaded());
+           && ns_between(&pending.since, now) < THREAD_AFTER_NS;
 }
 
 /* Have the pending entries written FLUSH_DELAY_NS from now, unless some
-   are pending already: by this process's frames and GIL releases, or by
-   the flusher (started if need be).  Returns -1 if no flusher can be
-   started.  Caller holds the lock. */
+   are pending already: by the hook in a process young in perf mode, by
+   the flusher (started if need be) in an older one.  Returns -1 if no
+   flusher can be started.  Caller holds the lock. */
 static int
 schedule_flusher_locked(void)
 {
@@ -596,43 +559,23 @@ schedule_flusher_locked(void)
     }
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
-    int writes_own = writes_own_entries_locked(&now);
-    if (!writes_own && start_flusher_locked() < 0) {
+    int young = is_young_locked(&now);
+    if (!young && start_flusher_locked() < 0) {
         return -1;
     }
     set_due_time_locked(&now);
-    if (writes_own) {
+    if (young) {
         set_hook_polls(1);
     }
     return 0;
 }
 
-/* The pending entries of a process without a flusher: written once due
-   (or now, if write_now), or handed to a flusher once the process needs
-   one; the hook's polls stop when nothing is left to write.  Caller
-   holds the lock. */
-static void
-poll_locked(const struct timespec *now, int write_now)
-{
-    if (pending.flusher_owner != _PyPerfFiles_Pid() && !nothing_pending()) {
-        if (!writes_own_entries_locked(now) && start_flusher_locked() == 0) {
-            pthread_cond_broadcast(&pending.wakeup);  /* it takes them */
-        }
-        else if (write_now || ns_between(&pending.due, now) >= 0) {
-            if (pending.adopt) {
-                adopt_parent_lines_locked();
-            }
-            _PyPerfFlusher_FlushLocked();
-        }
-    }
-    if (pending.flusher_owner == _PyPerfFiles_Pid() || nothing_pending()) {
-        set_hook_polls(0);
-    }
-}
-
-/* Called by the hook, with the GIL, for each frame while it polls.  The
-   coarse clock costs a few nanoseconds (a few hundred frames poll in
-   `python -c pass`) and may be a tick (4 ms) late. */
+/* The pending entries of a process without a flusher: written once due,
+   or handed to a flusher once the process is no longer young.  Called by
+   the hook, with the GIL, for each frame while it polls; stops its polls
+   when nothing is left to write.  The coarse clock costs a few
+   nanoseconds (a few hundred frames poll in `python -c pass`) and may be
+   a tick (4 ms) late. */
 void
 _PyPerfFlusher_Poll(void)
 {
@@ -643,26 +586,21 @@ _PyPerfFlusher_Poll(void)
     }
     clock_gettime(CLOCK_MONOTONIC, &now);
     pthread_mutex_lock(&_PyPerfFiles_mutex);
-    poll_locked(&now, 0);
-    pthread_mutex_unlock(&_PyPerfFiles_mutex);
-}
-
-/* Called, with the GIL, before it is released while the hook polls (see
-   above).  Keeps errno: callers such as os.listdir() set it before they
-   release the GIL and read it after.  Never waits for the lock: its
-   holder (another thread, or this one if it releases the GIL under it)
-   leaves the entries to a later poll. */
-void
-_PyPerfFlusher_BeforeGILRelease(void)
-{
-    int saved_errno = errno;
-    if (pthread_mutex_trylock(&_PyPerfFiles_mutex) == 0) {
-        struct timespec now;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        poll_locked(&now, !is_young_locked(&now));
-        pthread_mutex_unlock(&_PyPerfFiles_mutex);
+    if (pending.flusher_owner != _PyPerfFiles_Pid() && !nothing_pending()) {
+        if (!is_young_locked(&now) && start_flusher_locked() == 0) {
+            pthread_cond_broadcast(&pending.wakeup);  /* it takes them */
+        }
+        else if (ns_between(&pending.due, &now) >= 0) {
+            if (pending.adopt) {
+                adopt_parent_lines_locked();
+            }
+            _PyPerfFlusher_FlushLocked();
+        }
     }
-    errno = saved_errno;
+    if (pending.flusher_owner == _PyPerfFiles_Pid() || nothing_pending()) {
+        set_hook_polls(0);
+    }
+    pthread_mutex_unlock(&_PyPerfFiles_mutex);
 }
 
 void

@@ -51,17 +51,13 @@ static struct {
        the GIL; cleared by a thread that queues entries, which may not
        hold it. */
     _Py_atomic_address fast_interp;
-    /* The interpreter of the last slow path, kept while the hook polls,
-       and our co_extra index in it. */
-    PyInterpreterState *index_interp;
-    Py_ssize_t fast_index;
+    Py_ssize_t fast_index;      /* our co_extra index in fast_interp */
     int adoption_pending;       /* a forked child without its own map */
 } hook;
 
 static void
 set_fast_path(PyInterpreterState *interp, Py_ssize_t index)
 {
-    hook.index_interp = interp;
     hook.fast_index = index;
     _Py_atomic_store_relaxed(&hook.fast_interp,
                              _PyPerfFlusher_HookPolls() ? 0
@@ -113,7 +109,7 @@ code_extra_index_for(PyCodeObject *co, PyInterpreterState *interp,
 
 /* Our co_extra index in interp, requested if needed; -1 with an exception
    set on failure.  Perf mode is turned on in an interpreter only after
-   this, so the hook never pairs an interpreter with another's
+   this, so hook.fast_interp never pairs an interpreter with another's
    index, even when a new interpreter reuses a freed one's address. */
 Py_ssize_t
 _PyPerfHook_UseCodeExtraIndex(PyInterpreterState *interp)
@@ -332,15 +328,6 @@ evaluate_slow(PyThreadState *tstate, _PyInterpreterFrame *frame,
     }
     if (_PyPerfFlusher_HookPolls()) {
         _PyPerfFlusher_Poll();
-        /* A process without a flusher polls for as long as entries wait:
-           polled frames must cost little more than the fast path. */
-        if (tstate->interp == hook.index_interp) {
-            void *code = read_code_extra(frame->f_code, hook.fast_index);
-            if (_PyPerfArena_IsTrampoline(code)) {
-                return ((py_trampoline)code)(tstate, frame, throwflag,
-                                             _PyEval_EvalFrameDefault);
-            }
-        }
     }
     py_trampoline code = find_or_make_trampoline(tstate, frame->f_code);
     if (code == NULL) {

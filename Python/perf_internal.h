@@ -270,8 +270,7 @@ extern void _PyPerfFlusher_QueueJitdumpLocked(uintptr_t addr,
    its parent's lines, soon (see perf_flusher.c). */
 extern void _PyPerfFlusher_ScheduleAdoption(void);
 /* Set while entries wait in a process without a flusher: the hook polls
-   for every frame, which takes its slow path meanwhile, and so does
-   PyEval_SaveThread() (_PyPerfTrampoline_BeforeGILRelease). */
+   for every frame, which takes its slow path meanwhile. */
 extern _Py_atomic_int _PyPerfFlusher_polls;
 static inline int
 _PyPerfFlusher_HookPolls(void)
@@ -281,9 +280,6 @@ _PyPerfFlusher_HookPolls(void)
 /* Write the pending entries if they are due (see perf_flusher.c).  With
    the GIL. */
 extern void _PyPerfFlusher_Poll(void);
-/* The same before the GIL is released, where the process may block:
-   past its young phase, write them at once.  With the GIL. */
-extern void _PyPerfFlusher_BeforeGILRelease(void);
 /* From now on this process's entries are written by the flusher thread.
    With the GIL. */
 extern void _PyPerfFlusher_UseThread(void);

@@ -275,16 +275,6 @@ _PyPerfTrampoline_FlushMap(void)
     warn_if_lines_lost();
 }
 
-/* PyEval_SaveThread() (patch 0016): the thread may block once the GIL is
-   released, and no frame polls for the entries meanwhile. */
-void
-_PyPerfTrampoline_BeforeGILRelease(void)
-{
-    if (_PyPerfFlusher_HookPolls()) {
-        _PyPerfFlusher_BeforeGILRelease();
-    }
-}
-
 /* Give a code object its trampoline now, before it first runs.  Needs the
    GIL; returns -1 with an exception set on failure. */
 int
@@ -367,11 +357,6 @@ _PyPerfTrampoline_Fini(void)
 
 void
 _PyPerfTrampoline_FlushMap(void)
-{
-}
-
-void
-_PyPerfTrampoline_BeforeGILRelease(void)
 {
 }
 

@@ -449,21 +449,14 @@ class FaultTests(unittest.TestCase):
     def test_no_thread_for_the_flusher(self):
         # Without the helper thread every line is written at once: all of
         # them are in the map before the process exits, with no warning.
-        # The process gets the helper only once it has another thread, so
-        # that one starts (FAULT_AFTER) and the helper then fails.
-        script = """
-import threading, time
-threading.Thread(target=time.sleep, args=(0,)).start()
-time.sleep(0.2)     # past the first 100 ms, which need no helper
-""" + WORK + """
+        script = WORK + """
 with open(f"/tmp/perf-{os.getpid()}.map", "rb") as f:
     print(sum(b" py::f" in line for line in f))
 """
         for backend in ("perf", "perf_jit"):
             with self.subTest(backend=backend):
                 pid, out, warnings = self.run_under_shim(
-                    {"FAULT_THREAD": errno.EAGAIN, "FAULT_AFTER": 1},
-                    ("-X", backend), script)
+                    {"FAULT_THREAD": errno.EAGAIN}, ("-X", backend), script)
                 lines = self.map_names(pid)
                 self.assertEqual(out, f"{EXPECTED}{FUNCTIONS}\n")
                 self.assertEqual(warnings, [])
@@ -473,36 +466,6 @@ with open(f"/tmp/perf-{os.getpid()}.map", "rb") as f:
                     loads = self.jitdump_loads(pid)
                     self.assertEqual(sum(load["name"].startswith("py::f")
                                          for load in loads), FUNCTIONS)
-
-    def test_write_before_gil_release_keeps_errno(self):
-        # A process with one thread writes its pending lines before it
-        # releases the GIL.  A scandir() iterator sets errno to 0 before
-        # each readdir(), which it calls without the GIL, and takes
-        # errno != 0 after a NULL for a failure: a failed write there must
-        # not leave its ENOSPC.  procfs lists "." and ".." first, so after
-        # its last entry the next readdir() is the one that returns NULL.
-        # Every write fails: the first loss turns perf mode off, and it is
-        # turned on again, so that lines are pending there.
-        script = """
-import os, sys, time
-print("pid", os.getpid(), file=sys.stderr)
-entries = os.scandir("/proc/self/ns")
-for _ in os.listdir("/proc/self/ns"):
-    next(entries)
-time.sleep(0.2)     # past the first 100 ms, which write due lines only
-def lose_lines(): return 0
-lose_lines()        # a new trampoline: reports a loss not told yet
-sys.activate_stack_trampoline("perf")
-exec("\\n".join(f"def f{i}(): return {i}" for i in range(50)))
-total = sum(globals()[f"f{i}"]() for i in range(50))
-print(list(entries), total)
-"""
-        pid, out, warnings = self.run_under_shim(
-            {"FAULT_MAP_WRITE": errno.ENOSPC}, ("-X", "perf"), script)
-        self.map_names(pid)
-        self.assertEqual(out, f"[] {sum(range(50))}\n")
-        self.assertTrue(warnings, warnings)
-        self.assert_warnings_name(warnings, ["/tmp/perf-"] * len(warnings))
 
     def test_sys_api_raises(self):
         script = ("import os, sys\n"

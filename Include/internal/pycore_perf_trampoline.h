@@ -24,11 +24,6 @@ extern void _PyPerfTrampoline_Fini(void);
    buffered (exit() and Py_FinalizeEx() do that themselves). */
 extern void _PyPerfTrampoline_FlushMap(void);
 
-/* Called by PyEval_SaveThread(), with the GIL: a process that writes its
-   map lines itself (no helper thread) writes those still buffered, as
-   the thread may now block.  Otherwise one load. */
-extern void _PyPerfTrampoline_BeforeGILRelease(void);
-
 /* Called where the main thread checks for signals, with the GIL: carry
    out a request made by PyUnstable_PerfTrampoline_Request() (see
    Python/perf_attach.c). */

@@ -1275,28 +1275,21 @@ class DeferredLinesTests(unittest.TestCase):
         self.assertLess(float(waited), 2.0)
         self.assertEqual(threads, "1")
 
-    # A process older than that, which makes new code and then waits in C
-    # (a service between requests).  argv[1] "threaded": it has had
-    # another thread first.
-    IDLE_AFTER_NEW_CODE = """
-        import os, sys, threading, time
-        if sys.argv[1] == "threaded":
-            threading.Thread(target=time.sleep, args=(0,)).start()
-        time.sleep(0.2)
-        src = "\\n".join(f"def idle{i}(): return {i}"
-                          for i in range(300))
-        exec(src)
-        total = sum(globals()[f"idle{i}"]() for i in range(300))
-        print(os.getpid(), flush=True)
-        sys.stdin.read()
-    """
-
-    def wait_for_idle_lines(self, mode):
-        """Run IDLE_AFTER_NEW_CODE; return (map names, seconds waited for
-        them, names of the process's threads) while it waits."""
+    def test_lines_reach_the_map_while_idle(self):
+        # A process older than that, which makes new code and then waits
+        # in C (a service between requests): the helper writes the lines.
+        script = """
+            import os, sys, time
+            time.sleep(0.2)
+            src = "\\n".join(f"def idle{i}(): return {i}"
+                              for i in range(300))
+            exec(src)
+            total = sum(globals()[f"idle{i}"]() for i in range(300))
+            print(os.getpid(), flush=True)
+            sys.stdin.read()
+        """
         proc = subprocess.Popen(
-            [sys.executable, "-X", "perf", "-c",
-             textwrap.dedent(self.IDLE_AFTER_NEW_CODE), mode],
+            [sys.executable, "-X", "perf", "-c", textwrap.dedent(script)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             env=clean_env())
         try:
@@ -1308,31 +1301,12 @@ class DeferredLinesTests(unittest.TestCase):
                     break
                 time.sleep(0.001)
             waited = time.monotonic() - start
-            threads = []
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                    threads.append(f.read().strip())
         finally:
             proc.communicate("")
             remove_map(pid)
         self.assertEqual(proc.returncode, 0)
-        return names, waited, threads
-
-    def test_lines_reach_the_map_while_idle(self):
-        # With one thread, the process writes them itself before it
-        # releases the GIL to wait (a helper thread would slow glibc's
-        # malloc for the rest of its life).
-        names, waited, threads = self.wait_for_idle_lines("single")
         self.assertEqual(sum(n.startswith("py::idle") for n in names), 300)
         self.assertLess(waited, 2.0)
-        self.assertEqual(len(threads), 1, threads)
-
-    def test_lines_reach_the_map_while_idle_threaded(self):
-        # A process that has other threads anyway: the helper writes them.
-        names, waited, threads = self.wait_for_idle_lines("threaded")
-        self.assertEqual(sum(n.startswith("py::idle") for n in names), 300)
-        self.assertLess(waited, 2.0)
-        self.assertIn("perf-map-flush", threads)
 
     def test_short_process_writes_at_its_next_call(self):
         # Due lines go out at the first Python call after the 10 ms, in a
@@ -1513,9 +1487,7 @@ class DeferredLinesTests(unittest.TestCase):
             import os, signal
             handled = [signal.SIGINT, signal.SIGTERM, signal.SIGCHLD,
                        signal.SIGALRM, signal.SIGUSR1, signal.SIGHUP]
-            import threading, time
-            # A process gets the helper only once it has another thread.
-            threading.Thread(target=time.sleep, args=(0,)).start()
+            import time
             time.sleep(0.2)     # the helper starts with the next lines
             def f(): return 1
             for _ in range(100):

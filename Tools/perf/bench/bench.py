@@ -256,13 +256,11 @@ def print_ratio(workload, label, result):
           f"(95%: {low:.3f}-{high:.3f})", flush=True)
 
 
-def instructions(python, command, env=None, only=None):
-    """Instructions of one process running python with command, or only
-    of its calls of the C function `only`."""
-    toggle = [] if only is None else [f"--toggle-collect={only}"]
+def instructions(python, command, env=None):
+    """Instructions of one process running python with command."""
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-         *toggle, python, *command],
+         python, *command],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=env or clean_env())
     _, stderr = proc.communicate()
@@ -275,7 +273,8 @@ def instructions(python, command, env=None, only=None):
 
 def workload_instructions(python, workload, backend, on):
     """Instructions of a workload in one mode: a whole process; for real
-    code, those of its second run alone (run_one.py --counted)."""
+    code, those of its second run (a process that imports it and runs it
+    once, less one that stops there)."""
     if workload in STARTUP:
         args, _ = STARTUP[workload]
         if workload == "startup":
@@ -286,11 +285,10 @@ def workload_instructions(python, workload, backend, on):
     if workload not in REAL_CODE:
         return instructions(python, [*perf_args, RUN_ONE, workload])
     # One run after an untimed one, as the wall times: the steady state
-    # of a program that keeps running its code.  Counted alone, not as
-    # the difference of two processes, which carried their exits' and
-    # heaps' differences too (pygments: 1.027 that way, 1.003 alone).
-    return instructions(python, [*perf_args, RUN_ONE, workload, "--warm",
-                                 "--counted"], only="_PyEval_CallTracing")
+    # of a program that keeps running its code.
+    command = [*perf_args, RUN_ONE, workload, "--warm"]
+    return (instructions(python, command)
+            - instructions(python, [*command, "--import-only"]))
 
 
 def measure_instructions(python, workload, backend):

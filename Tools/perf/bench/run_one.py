@@ -8,10 +8,10 @@
         one untimed run first, then one timed run (for an interpreter that
         cannot toggle a backend at run time: CPython 3.13's perf_jit).
 
-    python run_one.py WORKLOAD --warm --counted
-        one untimed run, then one run inside sys.call_tracing(), which
-        otherwise changes nothing: ``valgrind --tool=callgrind
-        --toggle-collect=_PyEval_CallTracing`` counts that run alone.
+    python run_one.py WORKLOAD --import-only [--warm]
+        imports the workload (and with --warm, runs it once) and times
+        nothing: the part of a process that instruction counts of real
+        code leave out.
 
     python run_one.py WORKLOAD --pairs N --backend perf|perf_jit
         N pairs of runs, perf mode off for one run of each pair and on for
@@ -67,15 +67,13 @@ def main():
     parser.add_argument("workload")
     parser.add_argument("--pairs", type=int)
     parser.add_argument("--backend", default="perf")
-    parser.add_argument("--counted", action="store_true")
+    parser.add_argument("--import-only", action="store_true")
     parser.add_argument("--warm", action="store_true")
     args = parser.parse_args()
     workload = __import__(args.workload)
     if args.warm:
         workload.run()
-    if args.counted:
-        gc.collect()
-        sys.call_tracing(workload.run, ())
+    if args.import_only:
         return
     if args.pairs is None:
         result = {"once": timed_run(workload)}
